@@ -1,0 +1,327 @@
+"""One agent under supervision: its process, its probes, its restarts.
+
+The rules live in `policy/lifecycle.py` (which state follows which event) and
+`policy/backoff.py` (restart now, later, or give up); this class owns the clocks, the
+child process and the probe loop, and turns what happens into events for those tables.
+
+One task per agent (`_life`) loops spawn -> supervise -> decide; operator commands only
+set intent (`start`, `stop`, `kill`) and wake it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
+
+from supervisor import health, process
+from supervisor.config.model import AgentSpec, ProbeKind
+from supervisor.policy.backoff import Action, RestartTracker
+from supervisor.policy.lifecycle import LIVE, Event, State, next_state
+
+log = logging.getLogger("agentvisor.agent")
+
+# Environment built per spawn; raises process.SpawnError (e.g. a missing secret).
+EnvBuilder = Callable[[AgentSpec], Mapping[str, str]]
+# Waits until every dependency of the agent is ready; reports what it waits for.
+DependencyGate = Callable[["Agent"], Awaitable[None]]
+# Called after every state change (status line for systemd, degraded host, ...).
+Listener = Callable[["Agent"], None]
+
+
+@dataclass
+class _Run:
+    proc: asyncio.subprocess.Process
+    started: float  # monotonic
+    kill_reason: str | None = None
+
+
+class Agent:
+    def __init__(
+        self,
+        spec: AgentSpec,
+        *,
+        build_env: EnvBuilder,
+        gate: DependencyGate,
+        on_change: Listener,
+        rng: random.Random | None = None,
+    ):
+        self.spec = spec
+        self._build_env = build_env
+        self._gate = gate
+        self._on_change = on_change
+        self.tracker = RestartTracker(spec.restart, rng)
+
+        # What operators see.
+        self.state = State.STOPPED
+        self.reason = ""
+        self.restarts = 0
+        self.healthy: bool | None = None
+        self.last_exit: str | None = None
+        self.stopped_by_operator = False
+
+        # Synchronisation: `ready` is set exactly while RUNNING; `changed` pulses on every
+        # transition so callers can wait for a condition with a deadline.
+        self.ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._want_running = False
+        self._run: _Run | None = None
+        self._life: asyncio.Task | None = None
+
+    # --- what operators see -----------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int | None:
+        if self._run and self._run.proc.returncode is None:
+            return self._run.proc.pid
+        return None
+
+    def uptime_s(self, now: float | None = None) -> float | None:
+        if self._run is None or self.state not in LIVE:
+            return None
+        return (now if now is not None else time.monotonic()) - self._run.started
+
+    def status(self) -> dict:
+        up = self.uptime_s()
+        return {
+            "name": self.name,
+            "group": self.spec.group,
+            "required": self.spec.required,
+            "state": self.state.value,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "healthy": self.healthy,
+            "uptime_s": round(up, 1) if up is not None else None,
+            "last_exit": self.last_exit,
+            "reason": self.reason,
+        }
+
+    # --- intent -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the agent (idempotent). An operator start clears FATAL and the backoff."""
+        self.stopped_by_operator = False
+        self._want_running = True
+        if self.state in (State.FATAL, State.EXITED, State.STOPPED):
+            self.tracker.reset()
+        if self._life is None or self._life.done():
+            self._life = asyncio.create_task(self._live(), name=f"agent:{self.name}")
+        else:
+            self._wake.set()  # cut a backoff or FATAL wait short
+
+    async def stop(self, *, by_operator: bool = False) -> None:
+        """Stop the agent and its whole process group; returns once it is gone."""
+        self.stopped_by_operator = by_operator
+        self._want_running = False
+        self._wake.set()
+        if self._run is not None and self._run.proc.returncode is None:
+            self._terminate(None)
+        if self._life is not None:
+            await asyncio.shield(self._life)
+        if self.state != State.STOPPED:
+            self._transition(Event.STOP, "stopped")
+
+    def kill(self, reason: str) -> None:
+        """End the live process so that it is restarted; the exit counts as a failure."""
+        if self._run is not None and self._run.proc.returncode is None and self.state in (
+            State.STARTING,
+            State.RUNNING,
+        ):
+            log.warning("%s: %s; restarting it", self.name, reason)
+            self._terminate(reason)
+
+    def replace_spec(self, spec: AgentSpec) -> None:
+        """A reload changed this agent: new spec, fresh restart history."""
+        self.spec = spec
+        self.tracker = RestartTracker(spec.restart)
+
+    @property
+    def wants_running(self) -> bool:
+        return self._want_running
+
+    async def wait_for(self, predicate: Callable[["Agent"], bool], timeout_s: float) -> bool:
+        """Wait until predicate(self) holds; False if the deadline passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not predicate(self):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return predicate(self)
+        return True
+
+    # --- the life loop ----------------------------------------------------------------
+
+    async def _live(self) -> None:
+        event = Event.START
+        while self._want_running:
+            self.reason = "waiting for dependencies"
+            await self._gate(self)
+            if not self._want_running:
+                break
+            self._transition(event, "")
+            decision_event, delay = await self._one_run()
+            if not self._want_running:
+                break
+            if decision_event is Event.EXIT_DONE:
+                self._want_running = False
+                break
+            if decision_event is Event.EXIT_FATAL:
+                retry = self.spec.restart.fatal_retry_s
+                if retry is None:
+                    self._want_running = False
+                    break
+                delay = retry
+            # BACKOFF or FATAL-with-retry: wait, unless an operator or a stop wakes us.
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+            event = Event.RETRY
+        self._run_finished()
+
+    async def _one_run(self) -> tuple[Event, float]:
+        """Spawn, supervise until exit, and decide what comes next."""
+        started = time.monotonic()
+        try:
+            env = self._build_env(self.spec)
+            proc = await process.spawn(
+                self.spec.argv, cwd=self.spec.cwd, env=env, log_path=self.spec.log_path
+            )
+        except process.SpawnError as exc:
+            log.error("%s: %s", self.name, exc)
+            return self._decide(started, failed=True, description=str(exc))
+        self._run = _Run(proc, started)
+        self.reason = ""
+        if not self._want_running:  # stopped while we were spawning
+            self._terminate(None)
+        self._notify()
+        log.info("%s: started, pid %d", self.name, proc.pid)
+        probes = asyncio.create_task(self._probe_loop(self._run), name=f"probe:{self.name}")
+        try:
+            rc = await proc.wait()
+        finally:
+            probes.cancel()
+        # Forked children of a dead leader would hold its ports and files: end them too.
+        process.signal_group(proc.pid, signal.SIGKILL)
+        self.healthy = None
+        self.ready.clear()
+        self.last_exit = process.describe_exit(rc)
+        run, self._run = self._run, None
+        if not self._want_running:
+            self._transition(Event.GONE, "stopped")
+            return Event.GONE, 0.0
+        description = run.kill_reason or self.last_exit
+        failed = run.kill_reason is not None or rc != 0
+        log.log(logging.WARNING if failed else logging.INFO, "%s: %s", self.name, description)
+        return self._decide(started, failed=failed, description=description)
+
+    def _decide(self, started: float, *, failed: bool, description: str) -> tuple[Event, float]:
+        now = time.monotonic()
+        d = self.tracker.on_exit(now, now - started, failed, description)
+        if d.action is Action.RESTART:
+            self.restarts += 1
+            self._transition(Event.EXIT_RESTART, d.reason)
+            return Event.EXIT_RESTART, d.delay_s
+        if d.action is Action.FATAL:
+            self._transition(Event.EXIT_FATAL, d.reason)
+            return Event.EXIT_FATAL, 0.0
+        self._transition(Event.EXIT_DONE, d.reason)
+        return Event.EXIT_DONE, 0.0
+
+    def _run_finished(self) -> None:
+        self._life = None
+
+    # --- probes -----------------------------------------------------------------------
+
+    async def _probe_loop(self, run: _Run) -> None:
+        check = self.spec.health
+        if check.kind is ProbeKind.NONE:
+            # No probe of its own (29 of the fleet's agents): alive for start_s is ready.
+            await asyncio.sleep(self.spec.restart.start_s)
+            self._became_ready()
+            return
+        deadline = run.started + check.start_timeout_s
+        result = await health.probe(check)
+        while not result.ok:
+            if time.monotonic() >= deadline:
+                self.kill(f"not ready after {check.start_timeout_s:g} s: {result.detail}")
+                return
+            self.reason = f"not ready yet: {result.detail}"
+            await asyncio.sleep(check.startup_interval_s)
+            result = await health.probe(check)
+        self._became_ready()
+        misses = 0
+        while True:
+            await asyncio.sleep(check.interval_s)
+            result = await health.probe(check)
+            if result.ok:
+                if misses:
+                    log.info("%s: healthy again", self.name)
+                misses, self.healthy, self.reason = 0, True, ""
+                continue
+            misses += 1
+            self.healthy = False
+            self.reason = f"probe failed {misses}/{check.retries}: {result.detail}"
+            self._notify()
+            if misses >= check.retries:
+                self.kill(f"health probe failed {misses} times: {result.detail}")
+                return
+
+    def _became_ready(self) -> None:
+        self.healthy = True
+        if self.state is State.STARTING:  # not if a stop or kill got here first
+            self._transition(Event.READY, "")
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _terminate(self, kill_reason: str | None) -> None:
+        run = self._run
+        assert run is not None
+        if kill_reason is not None:
+            run.kill_reason = kill_reason
+            self._transition(Event.KILL, kill_reason)
+        elif self.state in (State.STARTING, State.RUNNING):
+            self._transition(Event.STOP, "stopping")
+        process.signal_group(run.proc.pid, signal.SIGTERM)
+        asyncio.get_running_loop().call_later(
+            self.spec.restart.stop_grace_s, self._force_kill, run
+        )
+
+    def _force_kill(self, run: _Run) -> None:
+        if run.proc.returncode is None:
+            log.warning("%s: still alive %g s after SIGTERM; SIGKILL", self.name,
+                        self.spec.restart.stop_grace_s)
+            process.signal_group(run.proc.pid, signal.SIGKILL)
+
+    def _transition(self, event: Event, reason: str) -> None:
+        new = next_state(self.state, event)
+        if new is not self.state:
+            log.debug("%s: %s -> %s (%s)", self.name, self.state.value, new.value, event.value)
+        self.state = new
+        self.reason = reason
+        if new is State.RUNNING:
+            self.ready.set()
+        else:
+            self.ready.clear()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._on_change(self)
+        # Wake every waiter once; each re-checks its own condition.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()

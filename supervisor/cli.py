@@ -1,0 +1,412 @@
+"""The `agentvisor` command.
+
+Exit codes mean the same thing for every subcommand:
+  0  success (config valid, host ok, agent running)
+  1  the thing asked about is not well (invalid config, host degraded, agent not running)
+  2  bad usage, or a file that cannot be read
+  3  no supervisor answers on the runtime directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_BAD, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+DESCRIPTION = """\
+Run unmodified agents under a per-host supervisor: dependency-ordered start, restarts with
+backoff, health probes, resource limits, a control socket, systemd integration.
+"""
+
+EPILOG = """\
+exit codes: 0 ok; 1 not ok (invalid config, degraded host, agent not running);
+            2 bad usage or unreadable file; 3 no supervisor is running
+
+examples:
+  agentvisor validate /etc/agentvisor/mainpc.yaml
+  agentvisor run --config /etc/agentvisor/mainpc.yaml
+  agentvisor status --json
+  agentvisor restart ServiceRegistry
+  agentvisor logs ServiceRegistry -f
+"""
+
+
+def _runtime_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime-dir", type=Path, default=None,
+        help="where the supervisor's control socket is (default: $AGENTVISOR_RUNTIME_DIR, "
+             "else /run/agentvisor as root, else $XDG_RUNTIME_DIR/agentvisor)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentvisor", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check config files and print every problem",
+                       description="Check schema, script paths, ports (in the file and "
+                       "against listening sockets), dependencies and placeholders; print "
+                       "every problem at once with its file, line and agent.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--warn", action="store_true",
+                   help="report problems but exit 0 (for a first look at a legacy config)")
+    p.add_argument("--offline", action="store_true",
+                   help="skip checks against this machine (listening ports), e.g. when "
+                        "validating another host's config")
+    p.add_argument("--json", action="store_true", help="print problems as JSON")
+
+    p = sub.add_parser("run", help="run the supervisor in the foreground (systemd's ExecStart)",
+                       description="Run every agent of the host config until SIGTERM/SIGINT, "
+                       "then stop them in reverse dependency order and exit 0.")
+    p.add_argument("--config", "-c", type=Path, required=True, metavar="FILE")
+    _runtime_dir_arg(p)
+    p.add_argument("--logs-dir", type=Path, default=None,
+                   help="where agents' stdout/stderr files go (overrides logs.dir)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+
+    p = sub.add_parser("status", help="the host's state and a row per agent")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", type=float, metavar="SECONDS", default=None,
+                   help="refresh every SECONDS until Ctrl-C")
+    _runtime_dir_arg(p)
+
+    for name, text in (("start", "start an agent (clears FATAL) and wait until it runs"),
+                       ("stop", "stop an agent and everything it forked"),
+                       ("restart", "stop, then start an agent and wait until it runs")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("name", metavar="AGENT")
+        p.add_argument("--json", action="store_true")
+        _runtime_dir_arg(p)
+
+    p = sub.add_parser("logs", help="print an agent's stdout/stderr file")
+    p.add_argument("name", metavar="AGENT")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    _runtime_dir_arg(p)
+
+    for name, text in (("reload", "re-read the config and apply only what changed"),
+                       ("rollback", "return to the config in force before the last reload")):
+        p = sub.add_parser(name, help=text, description=text + "; an invalid config changes "
+                           "nothing.")
+        p.add_argument("--json", action="store_true")
+        _runtime_dir_arg(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    handler = globals()["cmd_" + args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# --- validate and run -----------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    from supervisor.config import ConfigUnreadable, validate_file
+
+    worst = EXIT_OK
+    report = []
+    exclude = _pids_of_running_supervisor()
+    for path in args.files:
+        try:
+            _, problems = validate_file(path, check_machine=not args.offline,
+                                        exclude_pids=exclude)
+        except ConfigUnreadable as exc:
+            print(exc, file=sys.stderr)
+            worst = max(worst, EXIT_USAGE)
+            continue
+        report.append({"file": str(path), "problems": [p.__dict__ for p in problems]})
+        if not args.json:
+            for p in problems:
+                print(p)
+            n = len(problems)
+            print(f"{path}: {'valid' if not n else f'{n} problem' + ('s' if n > 1 else '')}",
+                  file=sys.stderr)
+        if problems and not args.warn:
+            worst = max(worst, EXIT_BAD)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return worst
+
+
+def _pids_of_running_supervisor() -> frozenset[int]:
+    """Agents of a supervisor already running here hold their own ports: not conflicts."""
+    from supervisor.control.client import Unreachable, request
+
+    try:
+        status = request(_runtime_dir(None), {"cmd": "status"}, timeout_s=2.0)
+    except (Unreachable, OSError, ValueError):
+        return frozenset()
+    from supervisor.process import descendants
+
+    pids = set()
+    for row in status.get("agents", []):
+        if row.get("pid"):
+            pids.add(row["pid"])
+            pids.update(descendants(row["pid"]))
+    return frozenset(pids)
+
+
+def cmd_run(args) -> int:
+    from supervisor.config import ConfigError, ConfigUnreadable, load
+    from supervisor.control.server import ControlError
+
+    _setup_logging(args.log_level)
+    overrides = {k: v for k, v in (("runtime_dir", args.runtime_dir),
+                                   ("logs_dir", args.logs_dir)) if v is not None}
+    try:
+        config = load(args.config, **overrides)
+    except ConfigUnreadable as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        print(f"{args.config}: {len(exc.problems)} problem(s); not starting", file=sys.stderr)
+        return EXIT_BAD
+
+    import uvloop
+
+    from supervisor.daemon import Supervisor
+
+    try:
+        return uvloop.run(_run_supervisor(Supervisor, config, overrides))
+    except ControlError as exc:
+        print(f"agentvisor: {exc}", file=sys.stderr)
+        return EXIT_BAD
+
+
+async def _run_supervisor(cls, config, overrides) -> int:
+    return await cls(config, overrides=overrides).run()
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd the journal stamps every line itself.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+# --- client commands ------------------------------------------------------------------
+
+
+def _runtime_dir(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg
+    env = os.environ.get("AGENTVISOR_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    from supervisor.paths import default_runtime_dir
+
+    return default_runtime_dir()
+
+
+def _ask(args, payload: dict) -> dict | int:
+    """Send a request; an int is an exit code after the error has been printed."""
+    from supervisor.control.client import Unreachable, request
+
+    try:
+        reply = request(_runtime_dir(args.runtime_dir), payload)
+    except Unreachable as exc:
+        print(f"agentvisor: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if not reply.get("ok"):
+        if getattr(args, "json", False):
+            print(json.dumps(reply, indent=2))
+        else:
+            print(f"agentvisor: {reply.get('error')}", file=sys.stderr)
+            for line in reply.get("problems", []):
+                print(f"  {line}", file=sys.stderr)
+        return EXIT_BAD
+    return reply
+
+
+def cmd_status(args) -> int:
+    while True:
+        reply = _ask(args, {"cmd": "status"})
+        if isinstance(reply, int):
+            return reply
+        reply.pop("ok", None)
+        if args.json:
+            print(json.dumps(reply, indent=2))
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(render_status(reply))
+        if not args.watch:
+            return EXIT_OK if reply["state"] == "ok" else EXIT_BAD
+        time.sleep(args.watch)
+
+
+def cmd_start(args) -> int:
+    return _agent_command(args, "start")
+
+
+def cmd_stop(args) -> int:
+    return _agent_command(args, "stop")
+
+
+def cmd_restart(args) -> int:
+    return _agent_command(args, "restart")
+
+
+def _agent_command(args, verb: str) -> int:
+    reply = _ask(args, {"cmd": verb, "name": args.name})
+    if isinstance(reply, int):
+        return reply
+    row = reply["agent"]
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        detail = f" (pid {row['pid']})" if row["pid"] else ""
+        why = f": {row['reason']}" if row["reason"] else ""
+        print(f"{row['name']}: {row['state']}{detail}{why}")
+    wanted = "STOPPED" if verb == "stop" else "RUNNING"
+    return EXIT_OK if row["state"] == wanted else EXIT_BAD
+
+
+def cmd_logs(args) -> int:
+    reply = _ask(args, {"cmd": "logs", "name": args.name})
+    if isinstance(reply, int):
+        return reply
+    path = Path(reply["path"])
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        if not args.follow:
+            print(f"agentvisor: {path} does not exist yet (the agent has not written)",
+                  file=sys.stderr)
+            return EXIT_BAD
+        f = None
+    out = sys.stdout.buffer
+    if f is not None:
+        out.write(b"".join(_last_lines(f, args.lines)))
+        out.flush()
+    if not args.follow:
+        return EXIT_OK
+    return _follow(path, f, out)
+
+
+def _last_lines(f, n: int) -> list[bytes]:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    block, data = 65536, b""
+    pos = size
+    while pos > 0 and data.count(b"\n") <= n:
+        pos = max(0, pos - block)
+        f.seek(pos)
+        data = f.read(size - pos)
+    f.seek(size)
+    return data.splitlines(keepends=True)[-n:] if n > 0 else []
+
+
+def _follow(path: Path, f, out) -> int:
+    """tail -F: survives the file being created late, truncated or replaced."""
+    while True:
+        if f is not None:
+            chunk = f.read()
+            if chunk:
+                out.write(chunk)
+                out.flush()
+                continue
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            st = None
+        if st is not None and (f is None or os.fstat(f.fileno()).st_ino != st.st_ino
+                               or st.st_size < f.tell()):
+            if f is not None:
+                f.close()
+            f = open(path, "rb")
+            continue
+        time.sleep(0.2)
+
+
+def cmd_reload(args) -> int:
+    return _config_command(args, "reload")
+
+
+def cmd_rollback(args) -> int:
+    return _config_command(args, "rollback")
+
+
+def _config_command(args, verb: str) -> int:
+    reply = _ask(args, {"cmd": verb})
+    if isinstance(reply, int):
+        return reply
+    reply.pop("ok", None)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return EXIT_OK
+    for key in ("added", "removed", "changed"):
+        if reply[key]:
+            print(f"{key}: {', '.join(reply[key])}")
+    print(f"unchanged: {len(reply['unchanged'])} agents left running")
+    return EXIT_OK
+
+
+# --- rendering ------------------------------------------------------------------------
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
+                                     ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit}{(s % size) // subsize}{sub}"
+    return f"{s}s"
+
+
+def render_status(status: dict) -> str:
+    agents = status["agents"]
+    head = (f"{status['host']}: {status['summary']}  "
+            f"(supervisor pid {status['pid']}, up {human_duration(status['uptime_s'])})")
+    with_group = any(a.get("group") for a in agents)
+    cols = (["GROUP"] if with_group else []) + [
+        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "CPU%", "RSS MB", "LAST EXIT",
+        "REASON"]
+    rows = []
+    for a in agents:
+        health = {True: "ok", False: "FAILING", None: "-"}[a["healthy"]]
+        row = ([a.get("group") or "-"] if with_group else []) + [
+            a["name"] + ("*" if a.get("required") else ""), a["state"],
+            str(a["pid"] or "-"), human_duration(a["uptime_s"]), str(a["restarts"]), health,
+            _num(a.get("cpu_percent")), _num(a.get("rss_mb")), a["last_exit"] or "-",
+            a["reason"] or ""]
+        rows.append(row)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+              for i, c in enumerate(cols)]
+    lines = [head, ""] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+                          for r in [cols] + rows]
+    if any(a.get("required") for a in agents):
+        lines.append("\n* required: the host is degraded while it is not RUNNING")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

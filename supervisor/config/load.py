@@ -1,0 +1,271 @@
+"""The one way a host config becomes a HostConfig.
+
+`validate_file` reads, parses and checks a file and reports every problem at once;
+`load` is the same but raises them as one ConfigError. The model is built only from
+data the schema accepted, so the builder below never checks a type: it only applies
+defaults and resolves paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import psutil
+
+from supervisor.paths import default_logs_dir, default_runtime_dir
+
+from . import validate, yamlsrc
+from .model import (
+    DEFAULT_RESOURCE_INTERVAL_S, AgentSpec, Backoff, ConfigError, HealthCheck, HostConfig, ProbeKind, Problem,
+    ResourceLimits, RestartMode, RestartPolicy, SecretsConfig, Upstream,
+)
+
+SCHEMA_NAME = "agentvisor.schema.json"
+# Addresses an agent binds to that a probe cannot connect to.
+_WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+_LOOPBACK = "127.0.0.1"
+# The model's field names for the legacy global_settings.health_checks keys.
+_LEGACY_PROBE_TIMING = {"interval_seconds": "interval_s", "timeout_seconds": "timeout_s", "retries": "retries"}
+_UPSTREAM_KEYS = {"address", "addresses", "protocol"}
+# Keys of a native `health` block that are HealthCheck fields as they stand.
+_PROBE_FIELDS = ("path", "status", "interval_s", "timeout_s", "retries", "start_timeout_s")
+
+
+class ConfigUnreadable(Exception):
+    """The config file could not be read at all (missing, a folder, no permission)."""
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    runtime_dir: Path | None = None,
+    logs_dir: Path | None = None,
+    check_machine: bool = True,
+    exclude_pids: frozenset[int] = frozenset(),
+) -> HostConfig:
+    """The host config in `path`; ConfigError with every problem if there is any.
+
+    runtime_dir and logs_dir override the file's and the defaults. check_machine also
+    reports ports that are already listening here, except those held by exclude_pids
+    (the supervisor's own agents, on a reload)."""
+    config, problems = validate_file(
+        path, runtime_dir=runtime_dir, logs_dir=logs_dir,
+        check_machine=check_machine, exclude_pids=exclude_pids,
+    )
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def validate_file(
+    path: str | os.PathLike[str],
+    *,
+    runtime_dir: Path | None = None,
+    logs_dir: Path | None = None,
+    check_machine: bool = True,
+    exclude_pids: frozenset[int] = frozenset(),
+) -> tuple[HostConfig | None, list[Problem]]:
+    """(config, problems), never raising ConfigError (ConfigUnreadable still, for a file
+    that cannot be read). The config is None when the file is not YAML or breaks the
+    schema; otherwise it is built even if there are problems, e.g. a missing script."""
+    path = Path(path)
+    try:
+        source = yamlsrc.parse(path.read_text(encoding="utf-8"), str(path))
+    except OSError as e:
+        raise ConfigUnreadable(f"{path}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigUnreadable(f"{path}: cannot read: not UTF-8 text (byte {e.start})") from e
+    except yamlsrc.Malformed as e:
+        return None, [e.problem]
+    folder = path.absolute().parent
+    data = source.data if isinstance(source.data, dict) else {}
+    project_root = _under(folder, data.get("project_root")) or folder
+    listeners = listening_ports(exclude_pids) if check_machine else {}
+    schema_problems = validate.schema_problems(source, schema())
+    problems = validate.by_line(
+        [*source.problems, *schema_problems, *validate.semantic_problems(source, project_root, listeners)]
+    )
+    if schema_problems:
+        return None, problems
+    paths = _Paths(
+        folder=folder,
+        project_root=project_root,
+        runtime_dir=runtime_dir or _under(folder, data.get("runtime_dir")) or default_runtime_dir(),
+        logs_dir=logs_dir or _under(folder, data.get("logs", {}).get("dir")) or default_logs_dir(),
+    )
+    return _build(data, path, paths), problems
+
+
+@functools.cache
+def schema() -> Mapping[str, Any]:
+    """The JSON Schema: from the source tree's config/, else where the wheel installs it."""
+    for candidate in (
+        Path(__file__).resolve().parents[2] / "config" / SCHEMA_NAME,
+        Path(sys.prefix) / "share" / "agentvisor" / SCHEMA_NAME,
+    ):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    raise FileNotFoundError(f"{SCHEMA_NAME} is not installed")
+
+
+def listening_ports(exclude_pids: frozenset[int] = frozenset()) -> dict[int, str]:
+    """Port -> who listens on it on this machine. Empty when the OS will not say: the
+    check is a courtesy, and a missing courtesy must not fail a valid config."""
+    try:
+        connections = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, PermissionError):
+        return {}
+    holders: dict[int, str] = {}
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.pid not in exclude_pids:
+            holders.setdefault(conn.laddr.port, _process(conn.pid))
+    return holders
+
+
+def _process(pid: int | None) -> str:
+    if pid is None:
+        return "held by a process we may not see"
+    try:
+        return f"pid {pid}, {psutil.Process(pid).name()}"
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return f"pid {pid}"
+
+
+def _under(folder: Path, value: Any) -> Path | None:
+    """A path from the file: relative ones are relative to the file's folder."""
+    return folder / Path(value).expanduser() if isinstance(value, str) else None
+
+
+# --- building the model from schema-valid data ------------------------------------
+
+
+@dataclass(frozen=True)
+class _Paths:
+    folder: Path  # the config file's folder
+    project_root: Path
+    runtime_dir: Path
+    logs_dir: Path
+
+
+@dataclass(frozen=True)
+class _Globals:
+    """What every agent inherits unless it says otherwise."""
+
+    paths: _Paths
+    python: str
+    environment: Mapping[str, str]
+    limits: Mapping[str, Any]
+    probe_timing: Mapping[str, Any]  # in the model's field names
+    restart: Mapping[str, Any]  # a restart block
+
+
+def _build(data: Mapping[str, Any], source: Path, paths: _Paths) -> HostConfig:
+    settings = data.get("global_settings", {})
+    inherited = _Globals(
+        paths=paths,
+        python=data.get("python") or shutil.which("python3") or sys.executable,
+        environment=settings.get("environment", {}),
+        limits=settings.get("resource_limits", {}),
+        probe_timing={
+            _LEGACY_PROBE_TIMING[k]: v for k, v in settings.get("health_checks", {}).items()
+        },
+        restart=_restart_block(settings.get("restart")),
+    )
+    secrets = data.get("secrets", {})
+    return HostConfig(
+        host=data.get("host") or socket.gethostname(),
+        source=source.absolute(),
+        project_root=paths.project_root,
+        runtime_dir=paths.runtime_dir,
+        logs_dir=paths.logs_dir,
+        agents=tuple(_agent(e, inherited) for e in validate.agent_entries(data)),
+        environment=inherited.environment,
+        upstreams={name: _upstream(name, u) for name, u in data.get("upstreams", {}).items()},
+        secrets=SecretsConfig(
+            dir=_under(paths.folder, secrets.get("dir")),
+            require_memory_fs=secrets.get("require_memory_fs", True),
+            names=tuple(secrets.get("names", ())),
+        ),
+        resource_interval_s=data.get("resource_interval_s", DEFAULT_RESOURCE_INTERVAL_S),
+    )
+
+
+def _agent(entry: validate.Entry, inherited: _Globals) -> AgentSpec:
+    fields, root = entry.fields, inherited.paths.project_root
+    name = entry.name
+    assert name is not None, "the schema requires a name in pc2_services"
+    args = tuple(fields.get("args", ()))
+    if "script_path" in fields:
+        script: Path | None = root / fields["script_path"]
+        argv = (fields.get("python", inherited.python), str(script), *args)
+    else:
+        script, argv = None, (*fields["command"], *args)
+    return AgentSpec(
+        name=name,
+        group=entry.group,
+        location=yamlsrc.location(entry.path),
+        argv=argv,
+        cwd=root / fields["cwd"] if "cwd" in fields else root,
+        script_path=script,
+        port=fields.get("port"),
+        health_check_port=fields.get("health_check_port"),
+        host=fields.get("host", "0.0.0.0"),
+        required=fields.get("required", False),
+        dependencies=tuple(fields.get("dependencies", ())),
+        config=fields.get("config", {}),
+        env={**inherited.environment, **fields.get("env_vars", {})},
+        health=_health(fields, inherited.probe_timing),
+        restart=_restart(inherited.restart, _restart_block(fields.get("restart"))),
+        limits=ResourceLimits(**{**inherited.limits, **fields.get("resource_limits", {})}),
+        log_path=inherited.paths.logs_dir / f"{name}.log",
+    )
+
+
+def _health(fields: Mapping[str, Any], timing: Mapping[str, Any]) -> HealthCheck:
+    """The agent's probe: the legacy default (tcp on health_check_port, else port, else
+    none) with whatever the native `health` block says laid over it."""
+    block = fields.get("health", {})
+    port = block.get("port") or fields.get("health_check_port") or fields.get("port")
+    kind = ProbeKind(block.get("type", "tcp" if port else "none"))
+    agent_host = fields.get("host", "")
+    command = block.get("command", ())
+    overrides = {k: block[k] for k in _PROBE_FIELDS if k in block}
+    return HealthCheck(
+        kind=kind,
+        host=block.get("host") or (_LOOPBACK if agent_host in _WILDCARD_HOSTS else agent_host),
+        port=port,
+        command=tuple(shlex.split(command) if isinstance(command, str) else command),
+        **{**timing, **overrides},
+    )
+
+
+def _restart_block(value: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """`restart: on-failure` is short for `restart: {policy: on-failure}`."""
+    if value is None:
+        return {}
+    return {"policy": value} if isinstance(value, str) else dict(value)
+
+
+def _restart(inherited: Mapping[str, Any], own: Mapping[str, Any]) -> RestartPolicy:
+    """The agent's restart block merged over the global one, backoff key by key."""
+    block = {**inherited, **own, "backoff": {**inherited.get("backoff", {}), **own.get("backoff", {})}}
+    mode = RestartMode(block.pop("policy", RestartMode.ALWAYS.value))
+    return RestartPolicy(mode=mode, backoff=Backoff(**block.pop("backoff")), **block)
+
+
+def _upstream(name: str, spec: Mapping[str, Any]) -> Upstream:
+    return Upstream(
+        name=name,
+        addresses=tuple(spec["addresses"]) if "addresses" in spec else (spec["address"],),
+        protocol=spec.get("protocol", "tcp"),
+        options={k: v for k, v in spec.items() if k not in _UPSTREAM_KEYS},
+    )

@@ -1,0 +1,190 @@
+"""The validated shape of a host's configuration.
+
+Everything the supervisor acts on is one of these frozen dataclasses, built once by
+`supervisor.config.load()` from either legacy format (MainPC's nested `agent_groups`,
+PC2's flat `pc2_services`) plus the native keys. Nothing downstream ever looks at raw
+YAML again, so a value is converted and checked in exactly one place.
+
+Every default is a named constant with the reason for its number.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+# --- defaults, each with why -------------------------------------------------------
+
+# The fleet's own global_settings.health_checks seed: probe every 30 s, 10 s timeout,
+# 3 misses in a row before we call an agent unhealthy.
+DEFAULT_PROBE_INTERVAL_S = 30.0
+DEFAULT_PROBE_TIMEOUT_S = 10.0
+DEFAULT_PROBE_RETRIES = 3
+# While an agent is STARTING we probe much faster than the steady-state interval, so
+# dependants start within a fraction of a second of their dependency becoming ready.
+DEFAULT_STARTUP_PROBE_INTERVAL_S = 0.1
+# A legacy agent that has not become ready after this long is treated as a failed start
+# (killed and retried with backoff) instead of holding its dependants forever.
+DEFAULT_START_TIMEOUT_S = 60.0
+# supervisord's `startsecs`: a run shorter than this is a failed start; a run longer than
+# this resets the backoff. An agent with no probe becomes RUNNING after this long.
+DEFAULT_START_S = 1.0
+# Restart backoff: first restart immediate, then 0.5 s doubling to a 30 s cap, +-20 %
+# jitter so that 40 agents that failed together do not restart in lockstep.
+DEFAULT_BACKOFF_INITIAL_S = 0.5
+DEFAULT_BACKOFF_FACTOR = 2.0
+DEFAULT_BACKOFF_MAX_S = 30.0
+DEFAULT_BACKOFF_JITTER = 0.2
+# supervisord's `startretries`: this many failures within the window make the agent
+# FATAL. Counted over wall-clock exits, so it holds even with start_s = 0.
+DEFAULT_MAX_FAILURES = 5
+DEFAULT_FAILURE_WINDOW_S = 60.0
+# Grace between SIGTERM and SIGKILL: long enough for a Python agent to flush and close.
+DEFAULT_STOP_GRACE_S = 10.0
+# Resource sampling cadence: cheap (two /proc reads per agent) and fast enough to catch
+# a leak long before the OOM killer does.
+DEFAULT_RESOURCE_INTERVAL_S = 5.0
+
+
+class RestartMode(enum.Enum):
+    ALWAYS = "always"
+    ON_FAILURE = "on-failure"
+    NEVER = "never"
+
+
+class ProbeKind(enum.Enum):
+    TCP = "tcp"
+    HTTP = "http"
+    EXEC = "exec"
+    NONE = "none"  # no probe: ready once the process has lived start_s
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    kind: ProbeKind
+    host: str = "127.0.0.1"
+    port: int | None = None
+    path: str = "/health"  # http only
+    status: int = 200  # http only: the status that means healthy
+    command: tuple[str, ...] = ()  # exec only: exit 0 means healthy
+    interval_s: float = DEFAULT_PROBE_INTERVAL_S
+    timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+    retries: int = DEFAULT_PROBE_RETRIES
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+    startup_interval_s: float = DEFAULT_STARTUP_PROBE_INTERVAL_S
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial_s: float = DEFAULT_BACKOFF_INITIAL_S
+    factor: float = DEFAULT_BACKOFF_FACTOR
+    max_s: float = DEFAULT_BACKOFF_MAX_S
+    jitter: float = DEFAULT_BACKOFF_JITTER  # fraction, 0.2 means +-20 %
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    mode: RestartMode = RestartMode.ALWAYS
+    start_s: float = DEFAULT_START_S
+    backoff: Backoff = field(default_factory=Backoff)
+    max_failures: int = DEFAULT_MAX_FAILURES
+    window_s: float = DEFAULT_FAILURE_WINDOW_S
+    # None: FATAL stays FATAL until an operator says `start`. A number: try again after
+    # that many seconds in FATAL (supervisord users asked for this for years).
+    fatal_retry_s: float | None = None
+    stop_grace_s: float = DEFAULT_STOP_GRACE_S
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    memory_mb: int | None = None  # enforced: restart with reason when exceeded
+    cpu_percent: float | None = None  # reported and warned
+    max_threads: int | None = None  # reported and warned
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A dependency reached through the sidecar (issue 3 fills in the policy)."""
+
+    name: str
+    addresses: tuple[str, ...]  # "host:port"
+    protocol: str = "tcp"  # "tcp" | "http"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    dir: Path | None = None  # used when $CREDENTIALS_DIRECTORY is not set
+    require_memory_fs: bool = True
+    names: tuple[str, ...] = ()  # declared secret names; a file of that name holds each
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    name: str
+    group: str | None  # MainPC's agent group, None for flat lists
+    location: str  # where it was declared, e.g. "agent_groups.core_services.ServiceRegistry"
+    argv: tuple[str, ...]  # resolved command line (interpreter + absolute script + args)
+    cwd: Path
+    script_path: Path | None  # absolute, None for a native `command:` agent
+    port: int | None = None
+    health_check_port: int | None = None
+    host: str = "0.0.0.0"
+    required: bool = False
+    dependencies: tuple[str, ...] = ()
+    config: Mapping[str, Any] = field(default_factory=dict)
+    # env_vars after global_settings.environment is merged under them, values still
+    # templates: ${NAME} placeholders are filled at spawn, never stored expanded.
+    env: Mapping[str, str] = field(default_factory=dict)
+    health: HealthCheck = field(default_factory=lambda: HealthCheck(ProbeKind.NONE))
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    log_path: Path = Path("/dev/null")  # stdout+stderr, appended
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    host: str
+    source: Path  # the file it came from
+    project_root: Path
+    runtime_dir: Path
+    logs_dir: Path
+    agents: tuple[AgentSpec, ...]
+    environment: Mapping[str, str] = field(default_factory=dict)
+    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    resource_interval_s: float = DEFAULT_RESOURCE_INTERVAL_S
+
+    def agent(self, name: str) -> AgentSpec:
+        for a in self.agents:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config, with where it is."""
+
+    file: str
+    line: int | None  # 1-based, None when not known
+    location: str  # e.g. "pc2_services[3].port"
+    agent: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        who = f" ({self.agent})" if self.agent else ""
+        loc = f" {self.location}{who}:" if self.location else (f"{who}:" if who else "")
+        return f"{where}:{loc} {self.message}"
+
+
+class ConfigError(Exception):
+    """Every problem found in one load, raised together. Only the CLI turns it into an
+    exit code."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))

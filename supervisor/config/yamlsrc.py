@@ -1,0 +1,152 @@
+"""YAML that remembers where every value came from.
+
+PyYAML's `safe_load` forgets line numbers and silently keeps the last of two equal keys,
+which is how two agents of the same name in one `agent_groups` group used to vanish. Here
+we compose the node tree with SafeLoader, build the data ourselves, and keep a map from
+each value's path (`("pc2_services", 3, "port")`) to its 1-based line, so that every
+problem found later can point at the line the operator has to edit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import yaml
+from yaml.nodes import MappingNode, Node, SequenceNode
+
+from .model import Problem
+
+PathKey = tuple[str | int, ...]
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# Collections are built here, not by PyYAML's constructors, so any other tag on a
+# mapping or list (!!set, !!omap, !!python/...) would be silently dropped: refuse it.
+_PLAIN_TAGS = {MappingNode: "tag:yaml.org,2002:map", SequenceNode: "tag:yaml.org,2002:seq"}
+
+
+class Malformed(Exception):
+    """The file is not YAML at all; there is nothing further to check."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        super().__init__(str(problem))
+
+
+@dataclass(frozen=True)
+class Source:
+    """Parsed data plus where each value sits in the file."""
+
+    file: str
+    data: Any
+    lines: Mapping[PathKey, int]
+    problems: tuple[Problem, ...] = ()  # found while parsing: duplicate keys
+
+    def line(self, path: PathKey) -> int | None:
+        # A missing key has no line of its own: point at the nearest thing that exists.
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.lines:
+                return self.lines[path[:n]]
+        return None
+
+    def problem(self, path: PathKey, agent: str | None, message: str) -> Problem:
+        return Problem(self.file, self.line(path), location(path), agent, message)
+
+
+def location(path: PathKey) -> str:
+    """("pc2_services", 3, "port") -> "pc2_services[3].port"."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def parse(text: str, file: str) -> Source:
+    """Parse one YAML document; raise Malformed (with line and column) if it is not YAML."""
+    try:
+        return _compose_and_build(text, file)
+    except yaml.MarkedYAMLError as e:
+        raise Malformed(_syntax_problem(file, e)) from None
+    except yaml.YAMLError as e:  # e.g. a control character, reported by offset
+        raise Malformed(Problem(file, None, "", None, f"invalid YAML: {e}")) from None
+
+
+def _compose_and_build(text: str, file: str) -> Source:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        builder = _Builder(loader, file)
+        data = None if node is None else builder.value(node, ())
+        return Source(file, data, builder.lines, tuple(builder.problems))
+    finally:
+        loader.dispose()
+
+
+def _syntax_problem(file: str, e: yaml.MarkedYAMLError) -> Problem:
+    mark = e.problem_mark or e.context_mark
+    if mark is None:
+        return Problem(file, None, "", None, f"invalid YAML: {e}")
+    context = f"{e.context} (line {e.context_mark.line + 1}), " if e.context and e.context_mark else ""
+    return Problem(file, mark.line + 1, "", None, f"invalid YAML at column {mark.column + 1}: {context}{e.problem}")
+
+
+class _Builder:
+    def __init__(self, loader: yaml.SafeLoader, file: str):
+        self.loader = loader
+        self.file = file
+        self.lines: dict[PathKey, int] = {}
+        self.problems: list[Problem] = []
+        self._open: set[int] = set()  # nodes being built: an alias back into one is a loop
+
+    def value(self, node: Node, path: PathKey) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if not isinstance(node, (MappingNode, SequenceNode)):
+            return self.loader.construct_object(node, deep=True)
+        if node.tag != _PLAIN_TAGS[type(node)]:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the tag {node.tag} is not supported here", node.start_mark
+            )
+        if id(node) in self._open:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an alias refers to a value that contains it", node.start_mark
+            )
+        self._open.add(id(node))
+        try:
+            if isinstance(node, SequenceNode):
+                return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
+            return self.mapping(node, path)
+        finally:
+            self._open.discard(id(node))
+
+    def mapping(self, node: MappingNode, path: PathKey) -> dict[str, Any]:
+        # Duplicates are looked for among the keys written here; keys that `<<:` merges
+        # in are meant to be overridden by them.
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key, line = self.key(key_node), key_node.start_mark.line + 1
+            if key in first_line:
+                self.problems.append(
+                    Problem(
+                        self.file, line, location(path + (key,)), None,
+                        f"duplicate key {key!r} (first at line {first_line[key]}); "
+                        "YAML would silently keep only the last one",
+                    )
+                )
+            first_line.setdefault(key, line)
+        self.loader.flatten_mapping(node)  # resolves `<<:`, merged pairs first
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.key(key_node)
+            self.lines[path + (key,)] = key_node.start_mark.line + 1
+            result[key] = self.value(value_node, path + (key,))
+        return result
+
+    def key(self, node: Node) -> str:
+        # JSON Schema and the environment both need string keys; YAML 1.1 reads `7200:`
+        # as an int, which the legacy files never meant.
+        return str(self.loader.construct_object(node, deep=True))

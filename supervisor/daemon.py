@@ -1,0 +1,333 @@
+"""The per-host supervisor: owns every agent of one host, in order.
+
+It starts agents as their dependencies become ready, stops them in reverse dependency
+order, applies a changed config by difference (reload) and can go back (rollback), watches
+resource use, and tells systemd how things stand. Each agent's own lifecycle is in
+`agent.py`; the operator's commands arrive through `control/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from supervisor import config as cfgmod
+from supervisor import environment, process
+from supervisor.agent import Agent
+from supervisor.config.model import AgentSpec, HostConfig
+from supervisor.control.server import ControlServer
+from supervisor.policy import order
+from supervisor.paths import GROUPS_FILE, SOCKET_FILE
+from supervisor.policy.lifecycle import LIVE, State
+from supervisor.resources import ResourceSampler, check_limits
+from supervisor.systemd import Notifier
+
+log = logging.getLogger("agentvisor")
+
+
+
+class Supervisor:
+    def __init__(self, config: HostConfig, *, overrides: dict | None = None,
+                 notifier: Notifier | None = None):
+        self.config = config
+        self.previous: HostConfig | None = None  # what `rollback` returns to
+        self._overrides = overrides or {}  # CLI --runtime-dir/--logs-dir, kept across reloads
+        self.notifier = notifier or Notifier()
+        self.agents: dict[str, Agent] = {}
+        self._base_env = environment.base_environment()
+        self._changed = asyncio.Event()  # pulses on any agent's transition
+        self._stopping = False
+        self._ready_sent = False
+        self._settle_expired = False  # see _settle_deadline
+        self._started_at = time.monotonic()
+        self._sampler = ResourceSampler()
+        self._usage: dict = {}  # pid -> last resources.Usage
+        self._sampled: set[int] = set()
+        self._warned: set[tuple[str, str]] = set()
+        self._lock = asyncio.Lock()  # one reload/rollback/shutdown at a time
+        self._control = ControlServer(self.socket_path, self)
+        self._tasks: list[asyncio.Task] = []
+        self._groups_dirty = False
+
+    @property
+    def socket_path(self) -> Path:
+        return self.config.runtime_dir / SOCKET_FILE
+
+    # --- running ----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start everything, serve until SIGTERM/SIGINT, stop everything; exit status."""
+        cfg = self.config
+        cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
+        cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+        for line in process.kill_leftovers(cfg.runtime_dir / GROUPS_FILE):
+            log.warning("killed leftovers of a previous supervisor: %s", line)
+        await self._control.start()
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_quietly()))
+        self._tasks = [
+            asyncio.create_task(self._resource_loop(), name="resources"),
+            asyncio.create_task(self._groups_loop(), name="groups"),
+        ]
+        if self.notifier.watchdog_interval_s:
+            self._tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
+        log.info("%s: supervising %d agents (control socket %s)", cfg.host, len(cfg.agents),
+                 self.socket_path)
+        self._add_agents(cfg.agents)
+        self._refresh_status()  # a host with no required agents is ready at once
+        loop.call_later(self._settle_deadline_s(), self._settle_deadline)
+        await done.wait()
+        log.info("shutting down: stopping agents in reverse dependency order")
+        await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        async with self._lock:
+            self._stopping = True
+            self.notifier.stopping()
+            await self._stop_agents(list(self.agents))
+            for t in self._tasks:
+                t.cancel()
+            await self._control.close()
+            try:
+                (self.config.runtime_dir / GROUPS_FILE).unlink()
+            except OSError:
+                pass
+
+    def _add_agents(self, specs) -> None:
+        for spec in specs:
+            agent = Agent(spec, build_env=self._env_for, gate=self._gate,
+                          on_change=self._agent_changed)
+            self.agents[spec.name] = agent
+        for spec in specs:
+            self.agents[spec.name].start()
+
+    def _env_for(self, spec: AgentSpec):
+        return environment.agent_environment(self.config, spec, self._base_env)
+
+    async def _gate(self, agent: Agent) -> None:
+        """Hold an agent until every dependency is RUNNING (ready)."""
+        while agent.wants_running and not self._stopping:
+            waiting = [d for d in agent.spec.dependencies
+                       if d in self.agents and not self.agents[d].ready.is_set()]
+            if not waiting:
+                return
+            agent.reason = "waiting for " + ", ".join(waiting)
+            changed = self._changed
+            await changed.wait()
+
+    async def _stop_agents(self, names: list[str]) -> None:
+        """Stop the named agents, dependants before what they depend on."""
+        deps = {n: self.agents[n].spec.dependencies for n in names}
+        for layer in order.stop_order(deps):
+            await asyncio.gather(*(self.agents[n].stop() for n in layer))
+
+    def _settle_deadline_s(self) -> float:
+        # The longest a first start can take along the deepest dependency chain; past
+        # it, READY goes out whatever state the host is in.
+        depth = len(order.start_layers({a.name: a.dependencies for a in self.config.agents}))
+        longest = max((a.health.start_timeout_s for a in self.config.agents if a.required),
+                      default=0.0)
+        return depth * longest + 1.0
+
+    def _settle_deadline(self) -> None:
+        self._settle_expired = True
+        self._refresh_status()
+
+    def _agent_changed(self, agent: Agent) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        self._groups_dirty = True
+        self._refresh_status()
+
+    def _refresh_status(self) -> None:
+        """Tell systemd how the host stands; READY=1 once it has settled."""
+        if self._stopping:
+            return
+        summary = self.summary()
+        line = self.status_line(summary)
+        if not self._ready_sent and summary["state"] != "starting":
+            self._ready_sent = True
+            self.notifier.ready(status=line)
+            log.info("ready: %s", line)
+        else:
+            self.notifier.status(line)
+
+    # --- what operators see -----------------------------------------------------------
+
+    def summary(self) -> dict:
+        """Host state: starting until every required agent is ready or has given up;
+        then ok, or degraded naming the required agents that are not running."""
+        counts: dict[str, int] = {}
+        for a in self.agents.values():
+            counts[a.state.value] = counts.get(a.state.value, 0) + 1
+        required = [a for a in self.agents.values() if a.spec.required]
+        down = [a for a in required if a.state is not State.RUNNING]
+        # Still starting while every required agent that is not up is on its first
+        # attempt; one that has failed once makes the host degraded (and READY is sent:
+        # systemd restarting the whole supervisor would not help it).
+        first_try = all(a.last_exit is None and a.wants_running for a in down)
+        if self._stopping:
+            state = "stopping"
+        elif not down:
+            state = "ok"
+        elif first_try and not self._ready_sent and not self._settle_expired:
+            state = "starting"
+        else:
+            state = "degraded"
+        return {"state": state, "counts": counts, "required_down": [a.name for a in down]}
+
+    @staticmethod
+    def status_line(summary: dict) -> str:
+        parts = [f"{n} {s.lower()}" for s, n in sorted(summary["counts"].items())]
+        line = f"{summary['state']}: " + ", ".join(parts)
+        if summary["required_down"]:
+            line += "; required not running: " + ", ".join(summary["required_down"])
+        return line
+
+    def status(self) -> dict:
+        summary = self.summary()
+        agents = []
+        for a in self.agents.values():
+            row = a.status()
+            usage = self._usage.get(a.pid) if a.pid else None
+            row["rss_mb"] = round(usage.rss_mb, 1) if usage else None
+            row["cpu_percent"] = round(usage.cpu_percent, 1) if usage else None
+            agents.append(row)
+        return {
+            "host": self.config.host,
+            "state": summary["state"],
+            "summary": self.status_line(summary),
+            "config": str(self.config.source),
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started_at, 1),
+            "agents": agents,
+        }
+
+    def agent(self, name: str) -> Agent:
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise LookupError(f"no agent named {name!r} on {self.config.host}") from None
+
+    # --- reload and rollback ----------------------------------------------------------
+
+    def load_current_file(self) -> HostConfig:
+        """Re-read the config file; the agents' own listening ports are not conflicts."""
+        pids = set()
+        for a in self.agents.values():
+            if a.pid:
+                pids.add(a.pid)
+                pids.update(process.descendants(a.pid))
+        return cfgmod.load(self.config.source, exclude_pids=frozenset(pids), **self._overrides)
+
+    async def reload(self) -> dict:
+        """Re-read the config and apply only the difference; an invalid file changes
+        nothing (ConfigError propagates to the caller with every problem)."""
+        self.notifier.reloading()
+        try:
+            new = self.load_current_file()
+        except (cfgmod.ConfigError, cfgmod.ConfigUnreadable) as exc:
+            log.error("reload refused, nothing changed:\n%s", exc)
+            self.notifier.ready()
+            raise
+        result = await self.apply(new)
+        self.notifier.ready()
+        return result
+
+    async def _reload_quietly(self) -> None:
+        # SIGHUP (systemctl reload without the CLI): problems are logged by reload().
+        try:
+            await self.reload()
+        except (cfgmod.ConfigError, cfgmod.ConfigUnreadable):
+            pass
+
+    async def rollback(self) -> dict:
+        if self.previous is None:
+            raise LookupError("nothing to roll back to: no reload has been applied")
+        return await self.apply(self.previous)
+
+    async def apply(self, new: HostConfig) -> dict:
+        async with self._lock:
+            old = self.config
+            new = self._keep_runtime(new, old)
+            old_specs = {a.name: a for a in old.agents}
+            new_specs = {a.name: a for a in new.agents}
+            removed = [n for n in old_specs if n not in new_specs]
+            added = [n for n in new_specs if n not in old_specs]
+            changed = [n for n in new_specs if n in old_specs and new_specs[n] != old_specs[n]]
+            self.previous, self.config = old, new
+            # Stop first, so a port moved from a removed agent to a new one is free.
+            await self._stop_agents(removed + changed)
+            for n in removed:
+                del self.agents[n]
+            for n in changed:
+                self.agents[n].replace_spec(new_specs[n])
+            # Keep the file's order so start gates see every new dependency.
+            self._add_agents([new_specs[n] for n in added])
+            for n in changed:
+                self.agents[n].start()
+            self.agents = {n: self.agents[n] for n in new_specs}
+            result = {"added": added, "removed": removed, "changed": changed,
+                      "unchanged": sorted(set(new_specs) - set(added) - set(changed))}
+            log.info("config applied: %s", ", ".join(f"{k} {len(v)}" for k, v in result.items()))
+            return result
+
+    @staticmethod
+    def _keep_runtime(new: HostConfig, old: HostConfig) -> HostConfig:
+        # The control socket lives in runtime_dir; moving it under a running supervisor
+        # would strand every client, so a changed runtime_dir waits for a restart.
+        if new.runtime_dir != old.runtime_dir:
+            log.warning("runtime_dir changed to %s: takes effect at the next start",
+                        new.runtime_dir)
+            new = dataclasses.replace(new, runtime_dir=old.runtime_dir)
+        return new
+
+    # --- background loops -------------------------------------------------------------
+
+    async def _resource_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resource_interval_s)
+            live = {a.pid: a for a in self.agents.values() if a.pid}
+            # One /proc scan per round for all agents and their descendants.
+            self._usage = {pid: u for pid, u in self._sampler.sample_many(live).items() if u}
+            for pid, usage in self._usage.items():
+                agent = live[pid]
+                for verdict in check_limits(usage, agent.spec.limits):
+                    if verdict.enforced:
+                        agent.kill(verdict.message)
+                    elif (agent.name, verdict.kind) not in self._warned:
+                        log.warning("%s: %s", agent.name, verdict.message)
+                        self._warned.add((agent.name, verdict.kind))
+            for pid in self._sampled - set(live):
+                self._sampler.forget(pid)
+            self._sampled = set(live)
+
+    async def _groups_loop(self) -> None:
+        # Written at most once a second, off the restart path.
+        path = self.config.runtime_dir / GROUPS_FILE
+        while True:
+            await asyncio.sleep(1.0)
+            if not self._groups_dirty:
+                continue
+            self._groups_dirty = False
+            records = [r for a in self.agents.values() if a.pid and a.state in LIVE
+                       for r in [process.record_for(a.name, a.pid)] if r]
+            try:
+                process.write_records(path, records)
+            except OSError as exc:
+                log.warning("cannot record agent process groups in %s: %s", path, exc)
+
+    async def _watchdog_loop(self) -> None:
+        # Pinged from the event loop itself: if the loop wedges, systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_interval_s)

@@ -1,0 +1,143 @@
+"""Real supervisors for tests: a config and agent scripts in a temp folder, `agentvisor
+run` as a real child process, and the real control socket to ask it things.
+
+Nothing here sleeps to synchronise: `wait_until` polls a condition against a deadline
+and fails with the last thing it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import yaml
+
+from supervisor.control.client import request
+
+ROOT = Path(__file__).resolve().parents[2]
+POLL_S = 0.02  # how often wait_until re-checks; the deadline is what bounds a test
+
+
+def wait_until(condition, timeout_s: float = 10.0, what: str = "condition"):
+    """Return condition()'s first truthy value; fail after timeout_s with the last value."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(POLL_S)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Fleet:
+    """One host: a folder with agents/ scripts, host.yaml, run/ and logs/."""
+
+    def __init__(self, tmp_path: Path):
+        self.dir = tmp_path
+        self.runtime_dir = tmp_path / "run"
+        self.logs_dir = tmp_path / "logs"
+        self.config_path = tmp_path / "host.yaml"
+        self.proc: subprocess.Popen | None = None
+        (tmp_path / "agents").mkdir(exist_ok=True)
+
+    def script(self, name: str, body: str) -> str:
+        path = self.dir / "agents" / name
+        path.write_text(textwrap.dedent(body))
+        return f"agents/{name}"
+
+    def write_config(self, config: dict) -> None:
+        base = {"host": "TestHost", "runtime_dir": str(self.runtime_dir),
+                "logs": {"dir": str(self.logs_dir)}, "python": sys.executable}
+        self.config_path.write_text(yaml.safe_dump({**base, **config}, sort_keys=False))
+
+    def start(self, env: dict | None = None, wait_socket: bool = True) -> subprocess.Popen:
+        self.stderr_path = self.dir / "supervisor.log"
+        self._stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "run", "--config", str(self.config_path),
+             "--log-level", "debug"],
+            cwd=ROOT, stdout=self._stderr, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        if wait_socket:
+            wait_until(lambda: (self.runtime_dir / "control.sock").exists()
+                       or self.proc.poll() is not None, 15, "the control socket")
+            assert self.proc.poll() is None, self.supervisor_log()
+        return self.proc
+
+    def supervisor_log(self) -> str:
+        return self.stderr_path.read_text() if self.stderr_path.exists() else ""
+
+    def ask(self, cmd: str, **fields) -> dict:
+        return request(self.runtime_dir, {"cmd": cmd, **fields}, timeout_s=60)
+
+    def status(self) -> dict:
+        return self.ask("status")
+
+    def agent(self, name: str) -> dict:
+        for row in self.status()["agents"]:
+            if row["name"] == name:
+                return row
+        raise KeyError(name)
+
+    def wait_state(self, name: str, state: str, timeout_s: float = 15.0) -> dict:
+        return wait_until(lambda: (lambda a: a if a["state"] == state else None)(self.agent(name)),
+                          timeout_s, f"{name} to be {state} (state: {self._states()})")
+
+    def _states(self) -> str:
+        try:
+            return ", ".join(f"{a['name']}={a['state']}" for a in self.status()["agents"])
+        except Exception as exc:  # the supervisor may be gone; say so
+            return f"unavailable ({exc})"
+
+    def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", *args], cwd=ROOT, capture_output=True,
+            text=True, timeout=timeout_s,
+            env={**os.environ, "AGENTVISOR_RUNTIME_DIR": str(self.runtime_dir)},
+        )
+
+    def stop(self, timeout_s: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            self._stderr.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def parse_json(text: str):
+    return json.loads(text)
