@@ -171,6 +171,8 @@ class Agent:
             await self._gate(self)
             if not self._want_running:
                 break
+            if event is Event.RETRY:
+                self.restarts += 1
             self._transition(event, "")
             decision_event, delay = await self._one_run()
             if not self._want_running:
@@ -234,10 +236,13 @@ class Agent:
         now = time.monotonic()
         d = self.tracker.on_exit(now, now - started, failed, description)
         if d.action is Action.RESTART:
-            self.restarts += 1
             self._transition(Event.EXIT_RESTART, d.reason)
             return Event.EXIT_RESTART, d.delay_s
         if d.action is Action.FATAL:
+            retry = self.spec.restart.fatal_retry_s
+            log.error("%s: %s%s", self.name, d.reason,
+                      f"; retrying in {retry:g} s" if retry is not None else
+                      "; `agentvisor start` to try again")
             self._transition(Event.EXIT_FATAL, d.reason)
             return Event.EXIT_FATAL, 0.0
         self._transition(Event.EXIT_DONE, d.reason)

@@ -1,4 +1,4 @@
-"""Demo agent: serves TCP on AGENT_PORT and crashes now and then (every 20-60 s), the way
+"""Demo agent: serves TCP on AGENT_PORT and crashes now and then (every 8-25 s), the way
 a leaky legacy agent does. Watch its RESTARTS column grow while nothing else moves."""
 import os
 import random
@@ -7,7 +7,7 @@ import sys
 import threading
 
 PORT = int(os.environ.get("AGENT_PORT", "17220"))
-lifetime = random.uniform(20, 60)
+lifetime = random.uniform(8, 25)
 
 
 def crash():
