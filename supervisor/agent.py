@@ -123,6 +123,7 @@ class Agent:
         self.stopped_by_operator = by_operator
         self._want_running = False
         self._wake.set()
+        self._notify()  # releases a start still held at the dependency gate
         if self._run is not None and self._run.proc.returncode is None:
             self._terminate(None)
         if self._life is not None:

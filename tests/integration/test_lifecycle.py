@@ -246,3 +246,20 @@ def test_logs_go_to_a_file_per_agent_and_the_cli_shows_them(fleet):
     out = fleet.cli("logs", "Talker")
     assert out.returncode == 0
     assert "hello from stdout" in out.stdout and "hello from stderr" in out.stdout
+
+
+def test_an_agent_waiting_for_a_failed_dependency_says_so_and_stops_at_once(fleet):
+    fleet.write_config({"pc2_services": [
+        {"name": "Broken", "script_path": fleet.script("crasher.py", CRASHER),
+         "restart": {"max_failures": 0}},
+        {"name": "Dependant", "script_path": fleet.script("listener.py", LISTENER),
+         "dependencies": ["Broken"]},
+    ]})
+    fleet.start()
+    fleet.wait_state("Broken", "FATAL")
+    row = fleet.agent("Dependant")
+    assert row["state"] == "STOPPED" and row["pid"] is None
+    assert row["reason"] == "waiting for Broken"
+    out = fleet.cli("stop", "Dependant", timeout_s=10)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert fleet.stop(timeout_s=10) == 0
