@@ -31,6 +31,8 @@ EnvBuilder = Callable[[AgentSpec], Mapping[str, str]]
 DependencyGate = Callable[["Agent"], Awaitable[None]]
 # Called after every state change (status line for systemd, degraded host, ...).
 Listener = Callable[["Agent"], None]
+# Called with the new pid right after a spawn (placing it in its cgroup).
+SpawnHook = Callable[["Agent", int], None]
 
 
 @dataclass
@@ -48,12 +50,14 @@ class Agent:
         build_env: EnvBuilder,
         gate: DependencyGate,
         on_change: Listener,
+        on_spawn: SpawnHook | None = None,
         rng: random.Random | None = None,
     ):
         self.spec = spec
         self._build_env = build_env
         self._gate = gate
         self._on_change = on_change
+        self._on_spawn = on_spawn
         self.tracker = RestartTracker(spec.restart, rng)
 
         # What operators see.
@@ -210,6 +214,8 @@ class Agent:
             return self._decide(started, failed=True, description=str(exc))
         self._run = _Run(proc, started)
         self.reason = ""
+        if self._on_spawn is not None:
+            self._on_spawn(self, proc.pid)
         if not self._want_running:  # stopped while we were spawning
             self._terminate(None)
         self._notify()

@@ -24,6 +24,7 @@ from supervisor.control.server import ControlServer
 from supervisor.policy import order
 from supervisor.paths import GROUPS_FILE, SOCKET_FILE
 from supervisor.policy.lifecycle import LIVE, State
+from supervisor import resources
 from supervisor.resources import ResourceSampler, check_limits
 from supervisor.systemd import Notifier
 
@@ -48,6 +49,9 @@ class Supervisor:
         self._sampler = ResourceSampler()
         self._usage: dict = {}  # pid -> last resources.Usage
         self._sampled: set[int] = set()
+        # A delegated cgroup v2 (systemd Delegate=yes) lets the kernel hold memory_mb;
+        # without one, the sampling loop enforces it alone.
+        self._cgroup_root = resources.cgroup_v2_dir()
         self._warned: set[tuple[str, str]] = set()
         self._lock = asyncio.Lock()  # one reload/rollback/shutdown at a time
         self._control = ControlServer(self.socket_path, self)
@@ -105,10 +109,22 @@ class Supervisor:
     def _add_agents(self, specs) -> None:
         for spec in specs:
             agent = Agent(spec, build_env=self._env_for, gate=self._gate,
-                          on_change=self._agent_changed)
+                          on_change=self._agent_changed, on_spawn=self._place_in_cgroup)
             self.agents[spec.name] = agent
         for spec in specs:
             self.agents[spec.name].start()
+
+    def _place_in_cgroup(self, agent: Agent, pid: int) -> None:
+        memory_mb = agent.spec.limits.memory_mb
+        if self._cgroup_root is None or memory_mb is None:
+            return
+        try:
+            resources.add_process(
+                resources.set_memory_max(self._cgroup_root, agent.name, memory_mb), pid)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot set cgroup memory.max for %s (%s): memory limits are "
+                        "enforced by sampling only", agent.name, exc)
+            self._cgroup_root = None
 
     def _env_for(self, spec: AgentSpec):
         return environment.agent_environment(self.config, spec, self._base_env)
