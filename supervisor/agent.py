@@ -119,6 +119,7 @@ class Agent:
             self.tracker.reset()
         if self._life is None or self._life.done():
             self._life = asyncio.create_task(self._live(), name=f"agent:{self.name}")
+            self._life.add_done_callback(self._life_ended)
         else:
             self._wake.set()  # cut a backoff or FATAL wait short
 
@@ -130,8 +131,8 @@ class Agent:
         self._notify()  # releases a start still held at the dependency gate
         if self._run is not None and self._run.proc.returncode is None:
             self._terminate(None)
-        if self._life is not None:
-            await asyncio.shield(self._life)
+        if self._life is not None and not self._life.done():
+            await asyncio.wait({self._life})  # its failure, if any, is logged by _life_ended
         if self.state != State.STOPPED:
             self._transition(Event.STOP, "stopped")
 
@@ -199,7 +200,6 @@ class Agent:
                 except asyncio.TimeoutError:
                     pass
             event = Event.RETRY
-        self._run_finished()
 
     async def _one_run(self) -> tuple[Event, float]:
         """Spawn, supervise until exit, and decide what comes next."""
@@ -255,8 +255,13 @@ class Agent:
         self._transition(Event.EXIT_DONE, d.reason)
         return Event.EXIT_DONE, 0.0
 
-    def _run_finished(self) -> None:
-        self._life = None
+    def _life_ended(self, task: asyncio.Task) -> None:
+        # A bug here must not leave an agent silently unsupervised: say so loudly, and
+        # show it in status.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: supervision failed", self.name, exc_info=task.exception())
+            self.reason = f"supervision failed: {task.exception()!r}"
+            self._notify()
 
     # --- probes -----------------------------------------------------------------------
 
