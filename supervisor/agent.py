@@ -207,7 +207,8 @@ class Agent:
         try:
             env = self._build_env(self.spec)
             proc = await process.spawn(
-                self.spec.argv, cwd=self.spec.cwd, env=env, log_path=self.spec.log_path
+                self.spec.argv, cwd=self.spec.cwd, env=env, log_path=self.spec.log_path,
+                pass_fds=self.spec.pass_fds, user=self.spec.user,
             )
         except process.SpawnError as exc:
             log.error("%s: %s", self.name, exc)

@@ -34,6 +34,8 @@ examples:
   agentvisor status --json
   agentvisor restart ServiceRegistry
   agentvisor logs ServiceRegistry -f
+  agentvisor breakers
+  agentvisor breaker open ObservabilityHub
 """
 
 
@@ -92,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="AGENT")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+    _runtime_dir_arg(p)
+
+    p = sub.add_parser("breakers", help="the sidecar's circuit breakers",
+                       description="Every breaker (one per upstream endpoint): state, "
+                       "failures in its window, trips, rejections, last trip and why.")
+    p.add_argument("--json", action="store_true")
+    _runtime_dir_arg(p)
+
+    p = sub.add_parser("breaker", help="open, close or reset a breaker by hand",
+                       description="Manual override for emergencies. open: reject calls "
+                       "until closed or reset. close: pass calls and ignore failures until "
+                       "reset. reset: back to automatic. NAME is a breaker (Upstream or "
+                       "Upstream/host:port) or an upstream (all its breakers).")
+    p.add_argument("action", choices=["open", "close", "reset"])
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true")
     _runtime_dir_arg(p)
 
     for name, text in (("reload", "re-read the config and apply only what changed"),
@@ -341,6 +359,30 @@ def _follow(path: Path, f, out) -> int:
         time.sleep(0.2)
 
 
+def cmd_breakers(args) -> int:
+    reply = _ask(args, {"cmd": "breakers"})
+    if isinstance(reply, int):
+        return reply
+    rows = reply["breakers"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(render_breakers(rows))
+    return EXIT_OK
+
+
+def cmd_breaker(args) -> int:
+    reply = _ask(args, {"cmd": "breaker", "action": args.action, "name": args.name})
+    if isinstance(reply, int):
+        return reply
+    if args.json:
+        print(json.dumps(reply["breakers"]))
+    else:
+        verb = {"open": "opened", "close": "closed", "reset": "reset"}[args.action]
+        print(f"{verb}: {', '.join(reply['breakers'])}")
+    return EXIT_OK
+
+
 def cmd_reload(args) -> int:
     return _config_command(args, "reload")
 
@@ -402,6 +444,24 @@ def render_status(status: dict) -> str:
     if any(a.get("required") for a in agents):
         lines.append("\n* required: the host is degraded while it is not RUNNING")
     return "\n".join(lines)
+
+
+def render_breakers(rows: list[dict]) -> str:
+    if not rows:
+        return "no breakers: no upstreams are declared, or no traffic has passed yet"
+    cols = ["BREAKER", "STATE", "FORCED", "FAILURES", "TRIPS", "REJECTED", "TRIPPED", "REASON"]
+    table = []
+    for r in rows:
+        tripped = (time.strftime("%H:%M:%S", time.localtime(r["tripped_at"]))
+                   if r.get("tripped_at") else "-")
+        state = r["state"].upper()
+        if r.get("open_remaining_s"):
+            state += f" ({r['open_remaining_s']:.0f}s)"
+        table.append([r["name"], state, r.get("forced") or "-", str(r["failures_in_window"]),
+                      str(r["trips"]), str(r["rejections"]), tripped, r.get("trip_reason") or ""])
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip()
+                     for t in [cols] + table)
 
 
 def _num(v) -> str:

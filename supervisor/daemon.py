@@ -27,6 +27,7 @@ from supervisor.policy.lifecycle import LIVE, State
 from supervisor import resources
 from supervisor.resources import ResourceSampler, check_limits
 from supervisor.systemd import Notifier
+from supervisor.traffic import Traffic
 
 log = logging.getLogger("agentvisor")
 
@@ -55,6 +56,7 @@ class Supervisor:
         self._warned: set[tuple[str, str]] = set()
         self._lock = asyncio.Lock()  # one reload/rollback/shutdown at a time
         self._control = ControlServer(self.socket_path, self)
+        self.traffic = Traffic(config.runtime_dir)
         self._tasks: list[asyncio.Task] = []
         self._groups_dirty = False
 
@@ -85,7 +87,7 @@ class Supervisor:
             self._tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
         log.info("%s: supervising %d agents (control socket %s)", cfg.host, len(cfg.agents),
                  self.socket_path)
-        self._add_agents(cfg.agents)
+        self._add_agents(self.traffic.prepare(cfg))
         self._refresh_status()  # a host with no required agents is ready at once
         loop.call_later(self._settle_deadline_s(), self._settle_deadline)
         await done.wait()
@@ -101,6 +103,7 @@ class Supervisor:
             for t in self._tasks:
                 t.cancel()
             await self._control.close()
+            self.traffic.close()
             try:
                 (self.config.runtime_dir / GROUPS_FILE).unlink()
             except OSError:
@@ -127,7 +130,7 @@ class Supervisor:
             self._cgroup_root = None
 
     def _env_for(self, spec: AgentSpec):
-        return environment.agent_environment(self.config, spec, self._base_env)
+        return environment.agent_environment(self.config, spec, self._base_env, self.traffic)
 
     async def _gate(self, agent: Agent) -> None:
         """Hold an agent until every dependency is RUNNING (ready)."""
@@ -149,8 +152,9 @@ class Supervisor:
     def _settle_deadline_s(self) -> float:
         # The longest a first start can take along the deepest dependency chain; past
         # it, READY goes out whatever state the host is in.
-        depth = len(order.start_layers({a.name: a.dependencies for a in self.config.agents}))
-        longest = max((a.health.start_timeout_s for a in self.config.agents if a.required),
+        depth = len(order.start_layers({n: a.spec.dependencies for n, a in self.agents.items()}))
+        longest = max((a.spec.health.start_timeout_s for a in self.agents.values()
+                       if a.spec.required),
                       default=0.0)
         return depth * longest + 1.0
 
@@ -275,8 +279,8 @@ class Supervisor:
         async with self._lock:
             old = self.config
             new = self._keep_runtime(new, old)
-            old_specs = {a.name: a for a in old.agents}
-            new_specs = {a.name: a for a in new.agents}
+            old_specs = {a.name: a.spec for a in self.agents.values()}
+            new_specs = {a.name: a for a in self.traffic.prepare(new)}
             removed = [n for n in old_specs if n not in new_specs]
             added = [n for n in new_specs if n not in old_specs]
             changed = [n for n in new_specs if n in old_specs and new_specs[n] != old_specs[n]]

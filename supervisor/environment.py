@@ -17,21 +17,18 @@ from supervisor.config import placeholders
 from supervisor.config.model import AgentSpec, HostConfig
 from supervisor.process import SpawnError
 from supervisor.systemd import child_env
+from supervisor.traffic import Traffic
 
 
 def base_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {k: v for k, v in child_env(env).items() if not k.startswith("AGENTVISOR_")}
 
 
-def upstream_address(host: HostConfig, name: str) -> str:
-    # Until the sidecar stands in front of upstreams, an agent is pointed straight at the
-    # upstream's first address; the placeholder stays the same when the sidecar arrives.
-    return host.upstreams[name].addresses[0]
-
-
-def agent_environment(host: HostConfig, spec: AgentSpec, base: Mapping[str, str]) -> dict[str, str]:
+def agent_environment(host: HostConfig, spec: AgentSpec, base: Mapping[str, str],
+                      traffic: Traffic) -> dict[str, str]:
     """The full environment for one spawn; SpawnError names what is missing."""
     env = dict(base)
+    env.update(traffic.proxy_environment(spec))
     # Output through a pipe is block-buffered by default: a crash would lose the last
     # lines an operator needs. Unbuffered unless the agent's config says otherwise.
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -45,7 +42,7 @@ def agent_environment(host: HostConfig, spec: AgentSpec, base: Mapping[str, str]
             if ref in values:
                 continue
             if kind == "upstream":
-                values[ref] = upstream_address(host, name)
+                values[ref] = traffic.upstream_address(host, name)
             elif kind is None:
                 try:
                     values[ref] = secrets.read_secret(host.secrets, name)

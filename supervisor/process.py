@@ -31,12 +31,41 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _child_setup(parent_pid: int) -> None:
-    # Runs in the child between fork and exec: keep it to two syscalls.
+def _child_setup(parent_pid: int, user: "Identity | None") -> None:
+    # Runs in the child between fork and exec: a handful of syscalls, nothing else.
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     # The parent may have died between fork and prctl; then nobody would ever kill us.
     if os.getppid() != parent_pid:
         os._exit(1)
+    if user is not None:
+        # Groups first: after setuid we could no longer change them.
+        os.setgroups(list(user.groups))
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+        # setuid clears the death signal (prctl(2)): set it again as the new user.
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def identity(user: str) -> Identity:
+    """A user name or numeric uid -> who the child runs as; SpawnError if unknown."""
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        if user.isdigit():  # a uid with no passwd entry is still a uid
+            return Identity(int(user), int(user), ())
+        raise SpawnError(f"no such user {user!r}") from None
+    groups = tuple(g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem)
+    return Identity(entry.pw_uid, entry.pw_gid, (entry.pw_gid, *groups))
 
 
 class SpawnError(Exception):
@@ -44,9 +73,12 @@ class SpawnError(Exception):
 
 
 async def spawn(
-    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_path: Path
+    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], log_path: Path,
+    pass_fds: Sequence[int] = (), user: str | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start argv in a new session with stdout and stderr appended to log_path."""
+    """Start argv in a new session with stdout and stderr appended to log_path,
+    inheriting pass_fds, as user when given."""
+    who = identity(user) if user is not None else None
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # O_APPEND: every write lands at the current end even if someone truncates the
@@ -64,7 +96,8 @@ async def spawn(
             stdout=fd,
             stderr=fd,
             start_new_session=True,
-            preexec_fn=lambda: _child_setup(parent),
+            preexec_fn=lambda: _child_setup(parent, who),
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError:
         raise SpawnError(f"cannot execute {argv[0]}: no such file") from None

@@ -13,7 +13,6 @@ from .model import (
     RestartMode,
     RestartPolicy,
     SecretsConfig,
-    Upstream,
 )
 
 __all__ = [
@@ -29,7 +28,6 @@ __all__ = [
     "RestartMode",
     "RestartPolicy",
     "SecretsConfig",
-    "Upstream",
     "load",
     "validate_file",
 ]

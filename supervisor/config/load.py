@@ -26,8 +26,9 @@ from supervisor.paths import default_logs_dir, default_runtime_dir
 from . import validate, yamlsrc
 from .model import (
     DEFAULT_RESOURCE_INTERVAL_S, AgentSpec, Backoff, ConfigError, HealthCheck, HostConfig, ProbeKind, Problem,
-    ResourceLimits, RestartMode, RestartPolicy, SecretsConfig, Upstream,
+    Intercept, ResourceLimits, RestartMode, RestartPolicy, SecretsConfig,
 )
+from sidecar.config import SidecarSettings, UpstreamPolicy, parse_sidecar, parse_upstreams
 
 SCHEMA_NAME = "agentvisor.schema.json"
 # Addresses an agent binds to that a probe cannot connect to.
@@ -35,7 +36,6 @@ _WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 _LOOPBACK = "127.0.0.1"
 # The model's field names for the legacy global_settings.health_checks keys.
 _LEGACY_PROBE_TIMING = {"interval_seconds": "interval_s", "timeout_seconds": "timeout_s", "retries": "retries"}
-_UPSTREAM_KEYS = {"address", "addresses", "protocol"}
 # Keys of a native `health` block that are HealthCheck fields as they stand.
 _PROBE_FIELDS = ("path", "status", "interval_s", "timeout_s", "retries", "start_timeout_s")
 
@@ -96,13 +96,18 @@ def validate_file(
     )
     if schema_problems:
         return None, problems
+    # The sidecar's own parser reads its blocks: one reading of upstreams everywhere.
+    upstreams, upstream_problems = parse_upstreams(data.get("upstreams"))
+    sidecar, sidecar_problems = parse_sidecar(data.get("sidecar"))
+    problems = validate.by_line(problems + [
+        source.problem(p.path, None, p.message) for p in upstream_problems + sidecar_problems])
     paths = _Paths(
         folder=folder,
         project_root=project_root,
         runtime_dir=runtime_dir or _under(folder, data.get("runtime_dir")) or default_runtime_dir(),
         logs_dir=logs_dir or _under(folder, data.get("logs", {}).get("dir")) or default_logs_dir(),
     )
-    return _build(data, path, paths), problems
+    return _build(data, path, paths, upstreams, sidecar), problems
 
 
 @functools.cache
@@ -168,7 +173,8 @@ class _Globals:
     restart: Mapping[str, Any]  # a restart block
 
 
-def _build(data: Mapping[str, Any], source: Path, paths: _Paths) -> HostConfig:
+def _build(data: Mapping[str, Any], source: Path, paths: _Paths,
+           upstreams: Mapping[str, UpstreamPolicy], sidecar: SidecarSettings) -> HostConfig:
     settings = data.get("global_settings", {})
     inherited = _Globals(
         paths=paths,
@@ -189,7 +195,9 @@ def _build(data: Mapping[str, Any], source: Path, paths: _Paths) -> HostConfig:
         logs_dir=paths.logs_dir,
         agents=tuple(_agent(e, inherited) for e in validate.agent_entries(data)),
         environment=inherited.environment,
-        upstreams={name: _upstream(name, u) for name, u in data.get("upstreams", {}).items()},
+        upstreams=upstreams,
+        sidecar=sidecar,
+        traffic_source={k: data[k] for k in ("upstreams", "sidecar") if k in data},
         secrets=SecretsConfig(
             dir=_under(paths.folder, secrets.get("dir")),
             require_memory_fs=secrets.get("require_memory_fs", True),
@@ -204,6 +212,9 @@ def _agent(entry: validate.Entry, inherited: _Globals) -> AgentSpec:
     name = entry.name
     assert name is not None, "the schema requires a name in pc2_services"
     args = tuple(fields.get("args", ()))
+    intercept = fields.get("intercept", {})
+    if isinstance(intercept, str):  # `intercept: proxy` is short for {mode: proxy}
+        intercept = {"mode": intercept}
     if "script_path" in fields:
         script: Path | None = root / fields["script_path"]
         argv = (fields.get("python", inherited.python), str(script), *args)
@@ -227,6 +238,9 @@ def _agent(entry: validate.Entry, inherited: _Globals) -> AgentSpec:
         restart=_restart(inherited.restart, _restart_block(fields.get("restart"))),
         limits=ResourceLimits(**{**inherited.limits, **fields.get("resource_limits", {})}),
         log_path=inherited.paths.logs_dir / f"{name}.log",
+        intercept=Intercept(intercept.get("mode", Intercept.ENDPOINT.value)),
+        no_proxy=tuple(intercept.get("no_proxy", ())),
+        user=str(fields["user"]) if "user" in fields else None,
     )
 
 
@@ -262,10 +276,3 @@ def _restart(inherited: Mapping[str, Any], own: Mapping[str, Any]) -> RestartPol
     return RestartPolicy(mode=mode, backoff=Backoff(**block.pop("backoff")), **block)
 
 
-def _upstream(name: str, spec: Mapping[str, Any]) -> Upstream:
-    return Upstream(
-        name=name,
-        addresses=tuple(spec["addresses"]) if "addresses" in spec else (spec["address"],),
-        protocol=spec.get("protocol", "tcp"),
-        options={k: v for k, v in spec.items() if k not in _UPSTREAM_KEYS},
-    )

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from sidecar.config import SidecarSettings, UpstreamPolicy
+
 # --- defaults, each with why -------------------------------------------------------
 
 # The fleet's own global_settings.health_checks seed: probe every 30 s, 10 s timeout,
@@ -52,6 +54,14 @@ class RestartMode(enum.Enum):
     ALWAYS = "always"
     ON_FAILURE = "on-failure"
     NEVER = "never"
+
+
+class Intercept(enum.Enum):
+    """How an agent's outbound traffic reaches the sidecar (see ARCHITECTURE.md)."""
+
+    ENDPOINT = "endpoint"  # only ${upstream:NAME} values point at the sidecar
+    PROXY = "proxy"  # HTTP_PROXY/HTTPS_PROXY point at the sidecar's forward proxy
+    TRANSPARENT = "transparent"  # nftables redirects the agent's uid's TCP to the sidecar
 
 
 class ProbeKind(enum.Enum):
@@ -105,16 +115,6 @@ class ResourceLimits:
 
 
 @dataclass(frozen=True)
-class Upstream:
-    """A dependency reached through the sidecar (issue 3 fills in the policy)."""
-
-    name: str
-    addresses: tuple[str, ...]  # "host:port"
-    protocol: str = "tcp"  # "tcp" | "http"
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class SecretsConfig:
     dir: Path | None = None  # used when $CREDENTIALS_DIRECTORY is not set
     require_memory_fs: bool = True
@@ -142,6 +142,12 @@ class AgentSpec:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     log_path: Path = Path("/dev/null")  # stdout+stderr, appended
+    intercept: Intercept = Intercept.ENDPOINT
+    no_proxy: tuple[str, ...] = ()  # with PROXY: destinations that bypass the sidecar
+    user: str | None = None  # run as this user (name or uid); TRANSPARENT needs one
+    # Set by the supervisor only (never from YAML): descriptors the child inherits, as
+    # the sidecar inherits its listening sockets.
+    pass_fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,9 +159,20 @@ class HostConfig:
     logs_dir: Path
     agents: tuple[AgentSpec, ...]
     environment: Mapping[str, str] = field(default_factory=dict)
-    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
+    upstreams: Mapping[str, UpstreamPolicy] = field(default_factory=dict)
+    sidecar: SidecarSettings = field(default_factory=SidecarSettings)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     resource_interval_s: float = DEFAULT_RESOURCE_INTERVAL_S
+    # The file's own `upstreams:` and `sidecar:` blocks, as validated: what the sidecar
+    # is given to read (it parses them with the same parser).
+    traffic_source: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sidecar_enabled(self) -> bool:
+        if self.sidecar.enabled is not None:
+            return self.sidecar.enabled
+        return bool(self.upstreams) or any(a.intercept is not Intercept.ENDPOINT
+                                           for a in self.agents)
 
     def agent(self, name: str) -> AgentSpec:
         for a in self.agents:

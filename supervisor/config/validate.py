@@ -65,6 +65,7 @@ def semantic_problems(source: Source, project_root: Path, listeners: Mapping[int
         *dependency_problems(source, entries),
         *placeholder_problems(source, entries),
         *probes_without_port(source, entries),
+        *intercept_problems(source, entries),
     ]
 
 
@@ -297,6 +298,28 @@ def probes_without_port(source: Source, entries: list[Entry]) -> list[Problem]:
                     f"a {health['type']} probe needs a port: set health.port, health_check_port or port",
                 )
             )
+    return problems
+
+
+# The supervisor's own child in status and in every agent's dependencies.
+RESERVED_NAMES = {"sidecar"}
+
+
+def intercept_problems(source: Source, entries: list[Entry]) -> list[Problem]:
+    """Transparent interception tells an agent's traffic apart by its uid, so the agent
+    needs a user of its own; and the sidecar's name is taken."""
+    problems = []
+    for entry in entries:
+        if entry.name in RESERVED_NAMES:
+            problems.append(source.problem(entry.path, entry.name,
+                                           f"{entry.name!r} is reserved for agentvisor's own "
+                                           "process; rename the agent"))
+        intercept = entry.fields.get("intercept")
+        mode = intercept.get("mode") if isinstance(intercept, dict) else intercept
+        if mode == "transparent" and "user" not in entry.fields:
+            problems.append(source.problem(entry.path + ("intercept",), entry.name,
+                                           "intercept: transparent needs `user:` (the agent's "
+                                           "own uid is how its traffic is redirected)"))
     return problems
 
 

@@ -69,7 +69,27 @@ async def rollback(sup: "Supervisor", req: dict) -> dict:
     return await sup.rollback()
 
 
+async def breakers(sup: "Supervisor", req: dict) -> dict:
+    """Every breaker of the sidecar: state, failures in window, trips, rejections."""
+    return await _sidecar(sup, {"cmd": "breakers"})
+
+
+async def breaker(sup: "Supervisor", req: dict) -> dict:
+    """Open, close or reset a breaker (or every breaker of an upstream) by hand."""
+    return await _sidecar(sup, {"cmd": "breaker", "action": req.get("action"),
+                                "name": req.get("name")})
+
+
+async def _sidecar(sup: "Supervisor", payload: dict) -> dict:
+    reply = await sup.traffic.ask_sidecar(payload)
+    if not reply.pop("ok", False):
+        raise LookupError(reply.get("error", "the sidecar refused"))
+    return reply
+
+
 COMMANDS: dict[str, Command] = {
+    "breakers": breakers,
+    "breaker": breaker,
     "status": status,
     "start": start,
     "stop": stop,

@@ -196,7 +196,7 @@ def test_host_level_native_keys(tmp_path):
         resilience: {breaker: {failures: 5}}
         secrets: {dir: secrets, require_memory_fs: false, names: [NATS_PASSWORD]}
         upstreams:
-          ObservabilityHub: {addresses: ["127.0.0.1:9100", "mainpc:9000"], protocol: http, timeout_s: 10}
+          ObservabilityHub: {addresses: ["127.0.0.1:9100", "mainpc:9000"], protocol: http, request_timeout_s: 10}
           NATS: {address: "[::1]:4223"}
         """)
     config = load(path, check_machine=False)
@@ -205,8 +205,20 @@ def test_host_level_native_keys(tmp_path):
     assert (config.secrets.dir, config.secrets.require_memory_fs, config.secrets.names) == (
         tmp_path / "secrets", False, ("NATS_PASSWORD",))
     hub, nats = config.upstreams["ObservabilityHub"], config.upstreams["NATS"]
-    assert (hub.addresses, hub.protocol, dict(hub.options)) == (("127.0.0.1:9100", "mainpc:9000"), "http", {"timeout_s": 10})
-    assert (nats.addresses, nats.protocol) == (("[::1]:4223",), "tcp")
+    assert (hub.endpoints, hub.protocol.value, hub.request_timeout_s) == (
+        (("127.0.0.1", 9100), ("mainpc", 9000)), "http", 10.0)
+    assert (nats.endpoints, nats.protocol.value) == ((("::1", 4223),), "tcp")
+
+
+def test_upstream_policy_problems_carry_their_line(tmp_path):
+    path = write(tmp_path, """        upstreams:
+          Hub:
+            address: "127.0.0.1:9100"
+            breaker: {failures: 0}
+        """)
+    problems = validate_file(path, check_machine=False)[1]
+    assert [str(p) for p in problems] == [
+        f"{path}:4: upstreams.Hub.breaker.failures: 0 is less than the minimum of 1"]
 
 
 def test_defaults_for_host_paths(tmp_path, monkeypatch):
@@ -576,7 +588,7 @@ def test_mainpc_example_has_the_known_agents(tmp_path):
     for name in ("ServiceRegistry", "RequestCoordinator", "ModelManagerAgent", "ObservabilityHub"):
         assert config.agent(name).group is not None
     assert config.agent("ServiceRegistry").script_path == tmp_path / "main_pc_code/agents/service_registry_agent.py"
-    assert config.upstreams["ObservabilityHub"].addresses[0].endswith(":9000")
+    assert config.upstreams["ObservabilityHub"].endpoints[0][1] == 9000
 
 
 def test_pc2_example_has_every_listed_agent_and_port(tmp_path):
@@ -585,4 +597,21 @@ def test_pc2_example_has_every_listed_agent_and_port(tmp_path):
         agent = config.agent(name)
         assert (agent.port, agent.health_check_port) == (port, port + 1000 if port else None)
     assert config.agent("MemoryDecayManager").health.kind is ProbeKind.NONE
-    assert config.upstreams["ObservabilityHub"].addresses[0].endswith(":9100")
+    assert config.upstreams["ObservabilityHub"].endpoints[0][1] == 9100
+
+
+def test_transparent_needs_a_user_and_sidecar_is_a_reserved_name(tmp_path):
+    (tmp_path / "a.py").write_text("")
+    path = write(tmp_path, """\
+        pc2_services:
+          - {name: sidecar, script_path: a.py}
+          - {name: Scanner, script_path: a.py, intercept: transparent}
+          - {name: Fine, script_path: a.py, intercept: {mode: transparent}, user: nobody}
+        """)
+    problems = [str(p) for p in validate_file(path, check_machine=False)[1]]
+    assert problems == [
+        f"{path}:2: pc2_services[0] (sidecar): 'sidecar' is reserved for agentvisor's own "
+        "process; rename the agent",
+        f"{path}:3: pc2_services[1].intercept (Scanner): intercept: transparent needs `user:` "
+        "(the agent's own uid is how its traffic is redirected)",
+    ]

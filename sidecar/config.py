@@ -1,0 +1,343 @@
+"""The sidecar's configuration: upstreams and the policy applied to each.
+
+One parser for the `upstreams:` block, used by the sidecar when it runs on its own and by
+the supervisor's config loader when it runs the sidecar (the supervisor imports this;
+this never imports the supervisor). `parse_upstreams` gathers every problem with its
+location instead of stopping at the first.
+
+Every default is a named constant with the reason for its number; the breaker's are the
+fleet's own seed values.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# --- defaults, each with why -------------------------------------------------------
+
+# Breaker: the users' seed values: 5 failures in a 60 s window open it, it stays open
+# 30 s, 3 successful probes in half-open close it.
+DEFAULT_BREAKER_FAILURES = 5
+DEFAULT_BREAKER_WINDOW_S = 60.0
+DEFAULT_BREAKER_OPEN_S = 30.0
+DEFAULT_BREAKER_SUCCESSES = 3
+# Half-open admits this many probe requests at a time, not every waiting caller: a
+# recovering upstream sees a trickle, not the backlog.
+DEFAULT_BREAKER_PROBES = 1
+# "10 s timeout on critical calls" (the users' target), per request for L7.
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+# A TCP connect on a LAN completes in well under a millisecond; 2 s means the peer is
+# gone, not slow.
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+# L4 connections with no byte either way for this long are closed (a dead peer that
+# never sent FIN/RST would otherwise hold the agent for ever). ZeroMQ-style long-lived
+# connections with heartbeats stay well inside it.
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+# Retries: one retry at most, and retries no more than 20 % of requests plus 10 per
+# second (Linkerd's budget), so a failing upstream never sees a retry storm.
+DEFAULT_RETRY_ATTEMPTS = 1
+DEFAULT_RETRY_BUDGET_RATIO = 0.2
+DEFAULT_RETRY_MIN_PER_S = 10.0
+DEFAULT_RETRY_WINDOW_S = 10.0
+# Statuses that count as upstream failures for the breaker.
+DEFAULT_FAILURE_STATUSES = frozenset(range(500, 600))
+# Bad-input limits: a request/response head bigger than this is not HTTP we serve.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+# Bytes buffered toward a slow side before the other side is paused (flow control).
+DEFAULT_MAX_PENDING_BYTES = 1024 * 1024
+# Requests pipelined by one agent connection before we stop reading from it.
+DEFAULT_MAX_PENDING_REQUESTS = 64
+# Idle keep-alive connections kept per upstream endpoint.
+DEFAULT_POOL_SIZE = 32
+
+
+class Protocol(enum.Enum):
+    TCP = "tcp"  # L4: connect/idle timeouts, breaking on refused/timed-out/reset
+    HTTP = "http"  # L7: HTTP/1.1, per-request timeout, breaking on 5xx/timeouts
+
+
+class FallbackKind(enum.Enum):
+    NONE = "none"  # 503 with X-Agentvisor-Breaker
+    LAST_GOOD = "last_good"  # last good response to the same GET, else 503
+    STATIC = "static"  # a configured status/body
+
+
+@dataclass(frozen=True)
+class BreakerSettings:
+    failures: int = DEFAULT_BREAKER_FAILURES
+    window_s: float = DEFAULT_BREAKER_WINDOW_S
+    open_s: float = DEFAULT_BREAKER_OPEN_S
+    successes: int = DEFAULT_BREAKER_SUCCESSES
+    probes: int = DEFAULT_BREAKER_PROBES
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    attempts: int = DEFAULT_RETRY_ATTEMPTS  # retries after the first try; 0 disables
+    budget_ratio: float = DEFAULT_RETRY_BUDGET_RATIO
+    min_per_s: float = DEFAULT_RETRY_MIN_PER_S
+    window_s: float = DEFAULT_RETRY_WINDOW_S
+
+
+@dataclass(frozen=True)
+class Fallback:
+    kind: FallbackKind = FallbackKind.NONE
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+
+
+@dataclass(frozen=True)
+class UpstreamPolicy:
+    name: str
+    endpoints: tuple[tuple[str, int], ...]  # nearest first
+    protocol: Protocol = Protocol.TCP
+    # Where the sidecar listens for this upstream; port 0: the supervisor picks one.
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    failure_statuses: frozenset[int] = DEFAULT_FAILURE_STATUSES
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    fallback: Fallback = field(default_factory=Fallback)
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS
+    pool_size: int = DEFAULT_POOL_SIZE
+
+
+Path = tuple  # ("upstreams", "ObservabilityHub", "addresses", 0): a place in the file
+
+
+@dataclass(frozen=True)
+class UpstreamProblem:
+    path: Path
+    message: str
+
+    @property
+    def location(self) -> str:
+        """e.g. "upstreams.ObservabilityHub.addresses[0]"."""
+        out = ""
+        for part in self.path:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        return out
+
+
+def parse_address(text: Any) -> tuple[str, int] | None:
+    """'host:port' or '[v6]:port' -> (host, port); None if it is not one."""
+    if not isinstance(text, str) or ":" not in text:
+        return None
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def parse_upstreams(data: Any, where: Path = ("upstreams",)) -> tuple[
+        dict[str, UpstreamPolicy], list[UpstreamProblem]]:
+    """Every upstream in the block, and every problem found, with its location."""
+    policies: dict[str, UpstreamPolicy] = {}
+    problems: list[UpstreamProblem] = []
+    if data is None:
+        return policies, problems
+    if not isinstance(data, Mapping):
+        return policies, [UpstreamProblem(where, "must be a mapping of name to upstream")]
+    for name, raw in data.items():
+        p = _Parser((*where, name), problems)
+        if not isinstance(raw, Mapping):
+            p.bad((), "must be a mapping with address or addresses")
+            continue
+        p.check_keys(raw, _UPSTREAM_KEYS)
+        endpoints = p.endpoints(raw)
+        protocol = p.choice(raw, "protocol", Protocol, Protocol.TCP)
+        breaker = raw.get("breaker") or {}
+        retry = raw.get("retry") or {}
+        if not isinstance(breaker, Mapping):
+            p.bad(("breaker",), "must be a mapping")
+            breaker = {}
+        if not isinstance(retry, Mapping):
+            p.bad(("retry",), "must be a mapping")
+            retry = {}
+        p.check_keys(breaker, set(BreakerSettings.__dataclass_fields__), ("breaker",))
+        p.check_keys(retry, set(RetrySettings.__dataclass_fields__), ("retry",))
+        listen = ("127.0.0.1", 0)
+        if "listen" in raw:
+            listen = parse_address(raw["listen"]) or p.bad(
+                ("listen",), f"{raw['listen']!r} is not host:port") or listen
+        policy = UpstreamPolicy(
+            name=str(name),
+            endpoints=endpoints,
+            protocol=protocol,
+            listen=listen,
+            connect_timeout_s=p.seconds(raw, "connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S),
+            idle_timeout_s=p.seconds(raw, "idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S),
+            request_timeout_s=p.seconds(raw, "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S),
+            failure_statuses=p.statuses(raw),
+            breaker=BreakerSettings(
+                failures=p.count(breaker, "failures", DEFAULT_BREAKER_FAILURES, ("breaker",), 1),
+                window_s=p.seconds(breaker, "window_s", DEFAULT_BREAKER_WINDOW_S, ("breaker",)),
+                open_s=p.seconds(breaker, "open_s", DEFAULT_BREAKER_OPEN_S, ("breaker",)),
+                successes=p.count(breaker, "successes", DEFAULT_BREAKER_SUCCESSES, ("breaker",), 1),
+                probes=p.count(breaker, "probes", DEFAULT_BREAKER_PROBES, ("breaker",), 1),
+            ),
+            retry=RetrySettings(
+                attempts=p.count(retry, "attempts", DEFAULT_RETRY_ATTEMPTS, ("retry",), 0),
+                budget_ratio=p.number(retry, "budget_ratio", DEFAULT_RETRY_BUDGET_RATIO, ("retry",)),
+                min_per_s=p.number(retry, "min_per_s", DEFAULT_RETRY_MIN_PER_S, ("retry",)),
+                window_s=p.seconds(retry, "window_s", DEFAULT_RETRY_WINDOW_S, ("retry",)),
+            ),
+            fallback=p.fallback(raw.get("fallback")),
+            max_header_bytes=p.count(raw, "max_header_bytes", DEFAULT_MAX_HEADER_BYTES, (), 1024),
+            max_pending_bytes=p.count(raw, "max_pending_bytes", DEFAULT_MAX_PENDING_BYTES, (),
+                                      4096),
+            max_pending_requests=p.count(raw, "max_pending_requests",
+                                         DEFAULT_MAX_PENDING_REQUESTS, (), 1),
+            pool_size=p.count(raw, "pool_size", DEFAULT_POOL_SIZE, (), 0),
+        )
+        policies[policy.name] = policy
+    return policies, problems
+
+
+_UPSTREAM_KEYS = {
+    "address", "addresses", "protocol", "listen", "connect_timeout_s", "idle_timeout_s",
+    "request_timeout_s", "failure_statuses", "breaker", "retry", "fallback",
+    "max_header_bytes", "max_pending_bytes", "max_pending_requests", "pool_size",
+}
+
+
+class _Parser:
+    """Reads typed values out of one upstream block, recording problems as it goes.
+    `sub` is the path of a nested block inside the upstream, e.g. ("breaker",)."""
+
+    def __init__(self, base: Path, problems: list[UpstreamProblem]):
+        self.base = base
+        self.problems = problems
+
+    def bad(self, sub: Path, message: str) -> None:
+        self.problems.append(UpstreamProblem((*self.base, *sub), message))
+
+    def check_keys(self, raw: Mapping, allowed: set[str], sub: Path = ()) -> None:
+        for key in raw:
+            if key not in allowed:
+                self.bad((*sub, key), "unknown key; known: " + ", ".join(sorted(allowed)))
+
+    def endpoints(self, raw: Mapping) -> tuple[tuple[str, int], ...]:
+        items = raw.get("addresses", [raw["address"]] if "address" in raw else None)
+        if not items or not isinstance(items, list):
+            self.bad((), "needs address: host:port or addresses: [host:port, ...]")
+            return ()
+        out = []
+        for i, text in enumerate(items):
+            addr = parse_address(text)
+            if addr is None:
+                self.bad(("address",) if "address" in raw else ("addresses", i),
+                         f"{text!r} is not host:port")
+            else:
+                out.append(addr)
+        return tuple(out)
+
+    def choice(self, raw: Mapping, key: str, enum_cls, default):
+        if key not in raw:
+            return default
+        try:
+            return enum_cls(raw[key])
+        except ValueError:
+            self.bad((key,), f"{raw[key]!r} is not one of " +
+                     ", ".join(repr(e.value) for e in enum_cls))
+            return default
+
+    def number(self, raw: Mapping, key: str, default: float, sub: Path = ()) -> float:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            self.bad((*sub, key), f"{value!r} is not a non-negative number")
+            return default
+        return float(value)
+
+    def seconds(self, raw: Mapping, key: str, default: float, sub: Path = ()) -> float:
+        value = self.number(raw, key, default, sub)
+        if value == 0:
+            self.bad((*sub, key), "must be more than 0 seconds")
+            return default
+        return value
+
+    def count(self, raw: Mapping, key: str, default: int, sub: Path = (), minimum: int = 0) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.bad((*sub, key), f"{value!r} is not a whole number >= {minimum}")
+            return default
+        return value
+
+    def statuses(self, raw: Mapping) -> frozenset[int]:
+        value = raw.get("failure_statuses")
+        if value is None:
+            return DEFAULT_FAILURE_STATUSES
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and 100 <= v <= 599 for v in value):
+            self.bad(("failure_statuses",), "must be a list of HTTP status codes (100-599)")
+            return DEFAULT_FAILURE_STATUSES
+        return frozenset(value)
+
+    def fallback(self, raw: Any) -> Fallback:
+        if raw is None:
+            return Fallback()
+        if raw == "last_good":
+            return Fallback(FallbackKind.LAST_GOOD)
+        if not isinstance(raw, Mapping):
+            self.bad(("fallback",), "must be 'last_good' or {status, body, content_type}")
+            return Fallback()
+        self.check_keys(raw, {"status", "body", "content_type"}, ("fallback",))
+        status = raw.get("status", 200)
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            self.bad(("fallback", "status"), f"{status!r} is not an HTTP status")
+            status = 200
+        body = raw.get("body", "")
+        if not isinstance(body, str):
+            self.bad(("fallback", "body"), "must be a string")
+            body = ""
+        return Fallback(FallbackKind.STATIC, status, body.encode(),
+                        str(raw.get("content_type", "application/json")))
+
+
+# --- the sidecar process itself ----------------------------------------------------
+
+# Envoy's admin port, familiar to operators who scrape sidecars with Prometheus.
+DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9901)
+# On shutdown, open connections get this long to finish before the sidecar exits.
+DEFAULT_DRAIN_S = 10.0
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    # None: run the sidecar when there is something for it to do (upstreams declared).
+    enabled: bool | None = None
+    metrics_listen: tuple[str, int] = DEFAULT_METRICS_LISTEN  # /metrics, /ready
+    proxy_listen: tuple[str, int] = ("127.0.0.1", 0)  # HTTP_PROXY for `intercept: proxy`
+    transparent_listen: tuple[str, int] = ("127.0.0.1", 0)  # nftables redirect target
+    drain_s: float = DEFAULT_DRAIN_S
+
+
+def parse_sidecar(data: Any, where: Path = ("sidecar",)) -> tuple[SidecarSettings,
+                                                                  list[UpstreamProblem]]:
+    problems: list[UpstreamProblem] = []
+    if data is None:
+        return SidecarSettings(), problems
+    if not isinstance(data, Mapping):
+        return SidecarSettings(), [UpstreamProblem(where, "must be a mapping")]
+    p = _Parser(where, problems)
+    p.check_keys(data, set(SidecarSettings.__dataclass_fields__))
+    enabled = data.get("enabled")
+    if enabled is not None and not isinstance(enabled, bool):
+        p.bad(("enabled",), "must be true or false")
+        enabled = None
+    listens = {}
+    for key in ("metrics_listen", "proxy_listen", "transparent_listen"):
+        default = SidecarSettings.__dataclass_fields__[key].default
+        if key in data:
+            listens[key] = parse_address(data[key]) or p.bad(
+                (key,), f"{data[key]!r} is not host:port") or default
+    return SidecarSettings(enabled=enabled, drain_s=p.seconds(data, "drain_s", DEFAULT_DRAIN_S),
+                           **listens), problems

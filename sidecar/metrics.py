@@ -1,0 +1,187 @@
+"""The proxy's own metrics: counted on the hot path in plain Python objects, turned into
+Prometheus metric families only when someone scrapes.
+
+The one idea: the hot path pays for an integer increment and nothing else. A
+prometheus_client Histogram takes a lock on every `observe()`, which costs more than the
+proxying it would measure; here a request adds to a list of counts (`bisect` picks the
+bucket), and `SidecarCollector` builds cumulative buckets, label sets and breaker states
+at scrape time. One event loop owns the counters, so they need no lock; a scrape from
+another thread copies each container with one C-level call before reading it.
+
+Names (prefix agentvisor_sidecar_): requests_total{upstream,outcome},
+request_duration_seconds{upstream}, failures_total{upstream,endpoint,kind},
+retries_total{upstream}, retries_denied_total{upstream}, active_requests{upstream},
+breaker_state{breaker,upstream} (0 closed, 1 half-open, 2 open),
+breaker_trips_total{breaker,upstream}, breaker_rejections_total{breaker,upstream}.
+Label names are declared in sorted order: the exposition reads the same whichever way
+the client library orders them.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
+
+from sidecar.policy.breaker import BreakerState
+
+if TYPE_CHECKING:  # upstream.py imports this module
+    from sidecar.upstream import Upstream
+
+
+class FailureKind(enum.Enum):
+    REFUSED = "refused"  # connection refused
+    CONNECT_TIMEOUT = "connect_timeout"
+    RESET = "reset"  # connection reset or closed mid-exchange
+    TIMEOUT = "timeout"  # L7: no complete response within request_timeout_s
+    IDLE_TIMEOUT = "idle_timeout"  # L4: no byte either way within idle_timeout_s
+    STATUS = "status"  # L7: a response status listed in failure_statuses
+    MALFORMED = "malformed"  # L7: the upstream's response is not HTTP we can relay
+
+
+class Outcome(enum.Enum):
+    OK = "ok"  # relayed (a 4xx the upstream chose to send is OK for the proxy)
+    FAILED = "failed"  # the agent got an error the upstream caused
+    REJECTED = "rejected"  # refused by an open breaker, no fallback
+    FALLBACK = "fallback"  # the breaker was open; a fallback response was served
+    BAD_REQUEST = "bad_request"  # the agent's request was not HTTP we serve
+
+
+# Seconds. A LAN round trip through the proxy takes well under a millisecond; the agents'
+# own calls take up to the 10 s request timeout, so the buckets span both ends.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                     5, 10)
+_BOUNDS = tuple(float(b) for b in LATENCY_BUCKETS_S)  # bisect compares float to float
+_BUCKET_LABELS = tuple(floatToGoString(b) for b in LATENCY_BUCKETS_S) + ("+Inf",)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+PREFIX = "agentvisor_sidecar_"
+
+BREAKER_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1,
+                        BreakerState.OPEN: 2}
+
+
+class UpstreamStats:
+    """Counters of one upstream. Keys are the enums' values (str): an Enum member's hash
+    is a Python-level call, a str's is cached."""
+
+    __slots__ = ("upstream", "active", "outcomes", "buckets", "duration_sum", "failures",
+                 "retries", "retries_denied")
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.active = 0  # in-flight requests (L7) / connections (L4); callers += 1 / -= 1
+        self.outcomes: dict[str, int] = {o.value: 0 for o in Outcome}
+        # Per-bucket (not cumulative) counts; the last one is +Inf.
+        self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.duration_sum = 0.0
+        self.failures: dict[tuple[str, str], int] = {}  # (endpoint, kind value) -> count
+        self.retries = 0
+        self.retries_denied = 0
+
+    def done(self, outcome: Outcome, duration_s: float) -> None:
+        """One request (L7) or connection (L4) finished."""
+        self.outcomes[outcome._value_] += 1
+        # bisect_left: a duration equal to a bound belongs to that bound's bucket (le).
+        self.buckets[bisect_left(_BOUNDS, duration_s)] += 1
+        self.duration_sum += duration_s
+
+    def failed(self, kind: FailureKind, endpoint: str) -> None:
+        """One failure seen (a request with retries may see several)."""
+        key = (endpoint, kind._value_)
+        failures = self.failures
+        failures[key] = failures.get(key, 0) + 1
+
+    def retried(self) -> None:
+        self.retries += 1
+
+    def retry_denied(self) -> None:
+        """A retry that was safe but the budget refused."""
+        self.retries_denied += 1
+
+    @property
+    def count(self) -> int:
+        """Requests observed by the histogram (derived, so it always equals +Inf)."""
+        return sum(self.buckets)
+
+
+class SidecarCollector:
+    """A prometheus_client collector over the live upstreams: register it once, and each
+    scrape reads the counters and asks each breaker its state at the scrape's time."""
+
+    def __init__(self, upstreams: Callable[[], Iterable["Upstream"]],
+                 clock: Callable[[], float] = time.monotonic):
+        self._upstreams = upstreams
+        self._clock = clock
+
+    def describe(self) -> Iterator[Metric]:
+        """The families with no samples: lets a registry check names without a scrape."""
+        return iter(_families())
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        (requests, duration, failures, retries, denied, active, state, trips,
+         rejections) = fams = _families()
+        for up in self._upstreams():
+            stats = up.stats
+            name = up.name
+            outcomes = dict(stats.outcomes)
+            for o in Outcome:
+                requests.add_metric([o.value, name], outcomes.get(o.value, 0))
+            counts = list(stats.buckets)
+            cumulative, buckets = 0, []
+            for label, n in zip(_BUCKET_LABELS, counts):
+                cumulative += n
+                buckets.append((label, cumulative))
+            duration.add_metric([name], buckets, stats.duration_sum)
+            for (endpoint, kind), n in sorted(list(stats.failures.items())):
+                failures.add_metric([endpoint, kind, name], n)
+            retries.add_metric([name], stats.retries)
+            denied.add_metric([name], stats.retries_denied)
+            active.add_metric([name], stats.active)
+            for b in up.breakers():
+                labels = [b.name, name]
+                state.add_metric(labels, BREAKER_STATE_VALUES[b.state_at(now)])
+                trips.add_metric(labels, b.trips)
+                rejections.add_metric(labels, b.rejections)
+        return iter(fams)
+
+
+def _families() -> tuple[Metric, ...]:
+    up, upb = ["upstream"], ["breaker", "upstream"]
+    return (
+        CounterMetricFamily(PREFIX + "requests", "Requests (L7) or connections (L4) "
+                            "finished, by outcome.", labels=["outcome", "upstream"]),
+        HistogramMetricFamily(PREFIX + "request_duration_seconds", "Time from the "
+                              "agent's request to the end of the answer, as the proxy saw "
+                              "it (L4: connection lifetime).", labels=up),
+        CounterMetricFamily(PREFIX + "failures", "Upstream failures seen, by endpoint and "
+                            "kind (a retried request may count several).",
+                            labels=["endpoint", "kind", "upstream"]),
+        CounterMetricFamily(PREFIX + "retries", "Retries sent.", labels=up),
+        CounterMetricFamily(PREFIX + "retries_denied", "Safe retries refused by the "
+                            "retry budget.", labels=up),
+        GaugeMetricFamily(PREFIX + "active_requests", "Requests (L7) or connections (L4) "
+                          "in flight.", labels=up),
+        GaugeMetricFamily(PREFIX + "breaker_state", "Circuit breaker state: 0 closed, "
+                          "1 half-open, 2 open.", labels=upb),
+        CounterMetricFamily(PREFIX + "breaker_trips", "Times the breaker opened "
+                            "(automatic or by an operator).", labels=upb),
+        CounterMetricFamily(PREFIX + "breaker_rejections", "Calls refused by an open or "
+                            "half-open breaker.", labels=upb),
+    )
+
+
+def render(registry) -> bytes:
+    """The registry in Prometheus text format; serve it with CONTENT_TYPE."""
+    return generate_latest(registry)

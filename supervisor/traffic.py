@@ -1,0 +1,170 @@
+"""Everything the supervisor does so that agents' traffic goes through the sidecar.
+
+It owns the sidecar's listening sockets (bound here, inherited by the sidecar, as circus
+hands sockets to its children): a sidecar that crashes and restarts leaves agents waiting
+in the kernel's backlog, never refused. It builds the sidecar's spec (started first,
+stopped last: every agent depends on it), the address `${upstream:NAME}` expands to, the
+proxy variables of `intercept: proxy` agents, and the nftables redirects of
+`intercept: transparent` agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import socket
+import sys
+from pathlib import Path
+
+import yaml
+
+from sidecar.config import SidecarSettings
+from supervisor.config.model import (
+    AgentSpec, Backoff, HealthCheck, HostConfig, Intercept, ProbeKind, RestartPolicy,
+)
+
+SIDECAR = "sidecar"  # its name in status; reserved
+LISTEN_BACKLOG = 1024  # agents queue here while the sidecar restarts
+
+# The sidecar restarts at once and keeps trying: without it no agent can reach anything.
+SIDECAR_RESTART = RestartPolicy(start_s=1.0, backoff=Backoff(initial_s=0.1, max_s=5.0),
+                                max_failures=10, window_s=60.0, fatal_retry_s=10.0)
+
+
+class Traffic:
+    def __init__(self, runtime_dir: Path):
+        self.runtime_dir = runtime_dir
+        self.sockets: dict[str, socket.socket] = {}
+        self._requested: dict[str, tuple[str, int]] = {}
+
+    # --- sockets ----------------------------------------------------------------------
+
+    def _bind(self, name: str, address: tuple[str, int]) -> None:
+        """Bind name at address, keeping an existing socket when nothing asked for
+        changed (a reload must not move a listener agents already point at)."""
+        if name in self.sockets and self._requested.get(name) == address:
+            return
+        self._close(name)
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"sidecar listener {name}: cannot bind {address[0]}:{address[1]}: "
+                          f"{exc.strerror}") from None
+        sock.listen(LISTEN_BACKLOG)
+        sock.set_inheritable(True)
+        self.sockets[name] = sock
+        self._requested[name] = address
+
+    def _close(self, name: str) -> None:
+        sock = self.sockets.pop(name, None)
+        self._requested.pop(name, None)
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        for name in list(self.sockets):
+            self._close(name)
+
+    def address(self, name: str) -> tuple[str, int]:
+        return self.sockets[name].getsockname()[:2]
+
+    # --- what the supervisor asks -----------------------------------------------------
+
+    def prepare(self, config: HostConfig) -> tuple[AgentSpec, ...]:
+        """The agents to run: the sidecar first (when enabled) and every agent made to
+        depend on it. Binds, keeps or closes listeners to match the config."""
+        if not config.sidecar_enabled:
+            self.close()
+            return config.agents
+        wanted = {f"upstream:{n}": p.listen for n, p in config.upstreams.items()}
+        wanted["proxy"] = config.sidecar.proxy_listen
+        wanted["metrics"] = config.sidecar.metrics_listen
+        if any(a.intercept is Intercept.TRANSPARENT for a in config.agents):
+            wanted["transparent"] = config.sidecar.transparent_listen
+        for name in set(self.sockets) - set(wanted):
+            self._close(name)
+        for name, address in wanted.items():
+            self._bind(name, address)
+        sidecar = self._sidecar_spec(config)
+        agents = tuple(dataclasses.replace(a, dependencies=(*a.dependencies, SIDECAR))
+                       for a in config.agents)
+        return (sidecar, *agents)
+
+    def upstream_address(self, config: HostConfig, name: str) -> str:
+        """What ${upstream:NAME} expands to: the sidecar's listener, or (sidecar off)
+        the upstream's own nearest address."""
+        key = f"upstream:{name}"
+        if key in self.sockets:
+            host, port = self.address(key)
+        else:
+            host, port = config.upstreams[name].endpoints[0]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def proxy_environment(self, spec: AgentSpec) -> dict[str, str]:
+        """HTTP_PROXY and friends for an `intercept: proxy` agent (both spellings: curl
+        and requests read lower case, some tools only upper case)."""
+        if spec.intercept is not Intercept.PROXY or "proxy" not in self.sockets:
+            return {}
+        host, port = self.address("proxy")
+        url = f"http://{host}:{port}"
+        # The sidecar's own listeners are reached directly, never through itself.
+        own = [f"{h}:{p}" for n, (h, p) in ((n, self.address(n)) for n in self.sockets)
+               if n.startswith("upstream:")]
+        no_proxy = ",".join([*own, *spec.no_proxy])
+        env = {}
+        for key, value in (("http_proxy", url), ("https_proxy", url), ("no_proxy", no_proxy)):
+            env[key] = env[key.upper()] = value
+        return env
+
+    async def ask_sidecar(self, payload: dict, timeout_s: float = 10.0) -> dict:
+        """One request to the sidecar's control socket (breaker commands)."""
+        path = self.runtime_dir / "sidecar.sock"
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(path)), timeout_s)
+        except (OSError, asyncio.TimeoutError):
+            raise LookupError("the sidecar is not running (no answer on "
+                              f"{path})") from None
+        try:
+            writer.write(json.dumps(payload).encode() + b"\n")
+            return json.loads(await asyncio.wait_for(reader.readline(), timeout_s))
+        finally:
+            writer.close()
+
+    # --- the sidecar's own spec ---------------------------------------------------------
+
+    def _sidecar_spec(self, config: HostConfig) -> AgentSpec:
+        snapshot = self._write_snapshot(config)
+        fds = ",".join(f"{n}={s.fileno()}" for n, s in sorted(self.sockets.items()))
+        host, port = self.address("metrics")
+        settings: SidecarSettings = config.sidecar
+        return AgentSpec(
+            name=SIDECAR, group="agentvisor", location="sidecar",
+            argv=(sys.executable, "-m", "sidecar.main", "--config", str(snapshot),
+                  "--fds", fds, "--control", str(self.runtime_dir / "sidecar.sock")),
+            cwd=self.runtime_dir, script_path=None, required=True,
+            health=HealthCheck(ProbeKind.HTTP, host=host, port=port, path="/ready",
+                               interval_s=5.0, timeout_s=2.0, retries=3, start_timeout_s=30.0,
+                               startup_interval_s=0.02),
+            restart=dataclasses.replace(SIDECAR_RESTART, stop_grace_s=settings.drain_s + 5.0),
+            log_path=config.logs_dir / "sidecar.log",
+            pass_fds=tuple(s.fileno() for s in self.sockets.values()),
+        )
+
+    def _write_snapshot(self, config: HostConfig) -> Path:
+        """The sidecar reads exactly what was validated, not the file as it is now. The
+        name carries a hash of the content: a changed policy is a changed spec, so a
+        reload restarts the sidecar."""
+        text = yaml.safe_dump(dict(config.traffic_source), sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        path = self.runtime_dir / f"sidecar-{digest}.yaml"
+        if not path.exists():
+            path.write_text(text)
+        return path
