@@ -106,10 +106,12 @@ class Sidecar:
                                                      sock=proxy, backlog=1024))
         # The transparent listener only exists when the supervisor set up redirects (or
         # an operator asked for one explicitly): nothing else could reach it.
-        redirected = self._socket("transparent", None)
-        if redirected is not None:
-            self.servers.append(await loop.create_server(
-                transparent.serve_transparent(self.router.tcp), sock=redirected, backlog=1024))
+        for name in ("transparent", "transparent6"):
+            redirected = self._socket(name, None)
+            if redirected is not None:
+                self.servers.append(await loop.create_server(
+                    transparent.serve_transparent(self.router.tcp), sock=redirected,
+                    backlog=1024))
         await self._serve_metrics(self._socket("metrics", self.settings.metrics_listen))
         if self.control_path is not None:
             self.servers.append(await control.serve(self.control_path, self.router.all))

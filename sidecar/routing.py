@@ -48,7 +48,8 @@ class Router:
 
     def http(self, host: bytes, port: int) -> Upstream:
         """For the forward proxy: absolute-form targets and CONNECT."""
-        return self.route(host.decode("idna", "replace"), port, Protocol.HTTP)
+        # Hosts on the wire are ASCII (IDNA names arrive already punycoded).
+        return self.route(host.decode("ascii", "replace").lower(), port, Protocol.HTTP)
 
     def tcp(self, ip: str, port: int) -> Upstream:
         """For the transparent listener: original destinations."""

@@ -27,6 +27,7 @@ def base_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
 def agent_environment(host: HostConfig, spec: AgentSpec, base: Mapping[str, str],
                       traffic: Traffic) -> dict[str, str]:
     """The full environment for one spawn; SpawnError names what is missing."""
+    traffic.check_spawn(spec)
     env = dict(base)
     env.update(traffic.proxy_environment(spec))
     # Output through a pipe is block-buffered by default: a crash would lose the last

@@ -102,7 +102,9 @@ async def spawn(
     except FileNotFoundError:
         raise SpawnError(f"cannot execute {argv[0]}: no such file") from None
     except PermissionError:
-        raise SpawnError(f"cannot execute {argv[0]}: permission denied") from None
+        who = f" as user {user}" if user is not None else ""
+        raise SpawnError(f"permission denied{who}: cannot enter {cwd} or execute "
+                         f"{argv[0]}") from None
     except NotADirectoryError:
         raise SpawnError(f"working directory {cwd} does not exist") from None
     except OSError as exc:

@@ -21,11 +21,14 @@ from pathlib import Path
 import yaml
 
 from sidecar.config import SidecarSettings
+from sidecar.proxy import nftables
+from supervisor import process
 from supervisor.config.model import (
     AgentSpec, Backoff, HealthCheck, HostConfig, Intercept, ProbeKind, RestartPolicy,
 )
 
 SIDECAR = "sidecar"  # its name in status; reserved
+NFT_TABLE = "agentvisor"  # the one nftables table we own (transparent redirects)
 LISTEN_BACKLOG = 1024  # agents queue here while the sidecar restarts
 
 # The sidecar restarts at once and keeps trying: without it no agent can reach anything.
@@ -38,6 +41,10 @@ class Traffic:
         self.runtime_dir = runtime_dir
         self.sockets: dict[str, socket.socket] = {}
         self._requested: dict[str, tuple[str, int]] = {}
+        self._redirecting = False
+        # Why transparent interception cannot be set up here, if it cannot: agents that
+        # need it then refuse to start (with this reason) rather than bypass the sidecar.
+        self.redirect_error: str | None = None
 
     # --- sockets ----------------------------------------------------------------------
 
@@ -68,6 +75,7 @@ class Traffic:
             sock.close()
 
     def close(self) -> None:
+        self._remove_redirects()
         for name in list(self.sockets):
             self._close(name)
 
@@ -87,10 +95,11 @@ class Traffic:
         wanted["metrics"] = config.sidecar.metrics_listen
         if any(a.intercept is Intercept.TRANSPARENT for a in config.agents):
             wanted["transparent"] = config.sidecar.transparent_listen
-        for name in set(self.sockets) - set(wanted):
+        for name in set(self.sockets) - set(wanted) - {"transparent6"}:
             self._close(name)
         for name, address in wanted.items():
             self._bind(name, address)
+        self._install_redirects(config)
         sidecar = self._sidecar_spec(config)
         agents = tuple(dataclasses.replace(a, dependencies=(*a.dependencies, SIDECAR))
                        for a in config.agents)
@@ -105,6 +114,12 @@ class Traffic:
         else:
             host, port = config.upstreams[name].endpoints[0]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def check_spawn(self, spec: AgentSpec) -> None:
+        """SpawnError if the agent's traffic cannot be intercepted as configured."""
+        if spec.intercept is Intercept.TRANSPARENT and self.redirect_error is not None:
+            raise process.SpawnError(f"transparent interception unavailable: "
+                                     f"{self.redirect_error}")
 
     def proxy_environment(self, spec: AgentSpec) -> dict[str, str]:
         """HTTP_PROXY and friends for an `intercept: proxy` agent (both spellings: curl
@@ -136,6 +151,43 @@ class Traffic:
             return json.loads(await asyncio.wait_for(reader.readline(), timeout_s))
         finally:
             writer.close()
+
+    # --- transparent redirects ----------------------------------------------------------
+
+    def _install_redirects(self, config: HostConfig) -> None:
+        agents = [a for a in config.agents if a.intercept is Intercept.TRANSPARENT]
+        if not agents:
+            self._close("transparent6")
+            self._remove_redirects()
+            return
+        host, port = self.address("transparent")
+        # nftables sends IPv6 to [::1]:port: listen there too when the host has IPv6.
+        if "transparent6" not in self.sockets:
+            try:
+                self._bind("transparent6", ("::1", port))
+            except OSError:
+                pass
+        # The sidecar's own listeners stay reachable directly (${upstream:...} values).
+        exempt = tuple(sorted(self.address(n)[1] for n in self.sockets
+                              if n.startswith("upstream:")))
+        self.redirect_error = nftables.available()
+        if self.redirect_error is not None:
+            return
+        try:
+            redirects = [nftables.Redirect(process.identity(a.user).uid, port, exempt)
+                         for a in agents]
+            nftables.install(NFT_TABLE, redirects)
+            self._redirecting = True
+        except (nftables.NftError, process.SpawnError, ValueError) as exc:
+            self.redirect_error = str(exc)
+
+    def _remove_redirects(self) -> None:
+        if self._redirecting:
+            try:
+                nftables.remove(NFT_TABLE)
+            except nftables.NftError:
+                pass
+            self._redirecting = False
 
     # --- the sidecar's own spec ---------------------------------------------------------
 

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.02  # how often wait_until re-checks; the deadline is what bounds a test
 
 
-def wait_until(condition, timeout_s: float = 10.0, what: str = "condition"):
-    """Return condition()'s first truthy value; fail after timeout_s with the last value."""
+def wait_until(condition, timeout_s: float = 10.0, what="condition"):
+    """Return condition()'s first truthy value; fail after timeout_s with the last value.
+    `what` may be a callable, to describe the state at the moment of failure."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -34,6 +35,7 @@ def wait_until(condition, timeout_s: float = 10.0, what: str = "condition"):
         if last:
             return last
         time.sleep(POLL_S)
+    what = what() if callable(what) else what
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
 
 
@@ -77,11 +79,14 @@ class Fleet:
                 "logs": {"dir": str(self.logs_dir)}, "python": sys.executable}
         self.config_path.write_text(yaml.safe_dump({**base, **config}, sort_keys=False))
 
-    def start(self, env: dict | None = None, wait_socket: bool = True) -> subprocess.Popen:
+    def start(self, env: dict | None = None, wait_socket: bool = True,
+              prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Run the supervisor (prefix: e.g. `ip netns exec NS` to run it elsewhere)."""
         self.stderr_path = self.dir / "supervisor.log"
         self._stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", "--config", str(self.config_path),
+            [*prefix, sys.executable, "-m", "supervisor.cli", "run", "--config",
+             str(self.config_path),
              "--log-level", "debug"],
             cwd=ROOT, stdout=self._stderr, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
@@ -109,7 +114,7 @@ class Fleet:
 
     def wait_state(self, name: str, state: str, timeout_s: float = 15.0) -> dict:
         return wait_until(lambda: (lambda a: a if a["state"] == state else None)(self.agent(name)),
-                          timeout_s, f"{name} to be {state} (state: {self._states()})")
+                          timeout_s, lambda: f"{name} to be {state} (now: {self._states()})")
 
     def _states(self) -> str:
         try:

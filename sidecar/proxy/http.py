@@ -1,0 +1,1235 @@
+"""The L7 hot path: HTTP/1.1 between unmodified agents and their upstreams.
+
+Owns every HTTP request an agent sends through the sidecar, from the agent's bytes to the
+upstream's answer: keep-alive on both sides (upstream connections pooled per endpoint), a
+per-request timeout, breaker verdicts, safe retries, a fallback while the breaker is open,
+flow control, and the answers to bad input (400, 431, 502, 504). HTTPS through the forward
+proxy is a CONNECT tunnel handed to the L4 relay.
+
+The one idea: two asyncio Protocols and no tasks per request. `HttpProxy` is one agent
+connection, `_UpstreamConnection` one pooled connection to an endpoint, each with one
+httptools parser for its whole life; an exchange is plain state (`_Request`) with a
+deadline, watched by one timer per agent connection. Bytes are rewritten only where HTTP
+demands it (the head, chunk framing) and gathered into one `write()` per read. The
+policy objects are asked at the three points where a decision is due: before a call
+(`choose`), when a call fails before any response byte (`may_retry`, the retry budget),
+and when it ends (`record`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import struct
+import weakref
+from collections import OrderedDict, deque
+from http import HTTPStatus
+from typing import Callable
+
+import httptools
+
+from sidecar.config import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_PENDING_REQUESTS,
+    FallbackKind,
+)
+from sidecar.metrics import FailureKind, Outcome
+from sidecar.policy.retry import may_retry
+from sidecar.proxy.tcp import TcpRelay, adopt
+from sidecar.upstream import Endpoint, Upstream
+
+log = logging.getLogger(__name__)
+
+# Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
+# proxy's own credentials: never forwarded. Each side of the proxy frames its own
+# connection.
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
+                         b"trailer", b"upgrade", b"proxy-authorization"})
+# Connection tokens that name no header to drop.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+# The headers the proxy looks at, by lower-case name; any other is forwarded as it is,
+# after one dict lookup.
+_DROP, _CONNECTION, _HOST, _TRANSFER_ENCODING, _CONTENT_LENGTH = range(5)
+_SPECIAL = {name: _DROP for name in _HOP_BY_HOP}
+_SPECIAL.update({b"connection": _CONNECTION, b"host": _HOST,
+                 b"transfer-encoding": _TRANSFER_ENCODING, b"content-length": _CONTENT_LENGTH})
+
+# LAST_GOOD fallback: responses remembered per upstream, and the largest body kept. A
+# fallback is for small, read-mostly answers (status, config, registry lookups).
+LAST_GOOD_ENTRIES = 256
+LAST_GOOD_MAX_BODY_BYTES = 64 * 1024
+
+# Reasons reading from the agent is paused, as bits: each is lifted on its own.
+_UPSTREAM_FULL = 1  # the upstream's write buffer is above its high-water mark
+_BACKLOG = 2  # too many requests or bytes waiting for their turn or for a connection
+
+# How a response body goes to the agent.
+_NO_BODY, _AS_IS, _RECHUNK = 0, 1, 2
+
+_CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+# uvloop's clock and timers have millisecond resolution: a timer may fire a hair before
+# the deadline as loop.time() reads it. Within this slack the deadline counts as reached.
+_TIMER_SLACK_S = 0.002
+
+# SO_LINGER on with 0 s: close() sends RST. A cut answer must fail the agent's read,
+# not end it the way a complete close-delimited answer ends.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _canned(status: int, reason: str, text: str, extra: bytes = b"",
+            close: bool = False) -> bytes:
+    """A complete response the proxy answers with itself, built once."""
+    body = text.encode() + b"\n"
+    return b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        extra,
+        b"Connection: close\r\n" if close else b"",
+        b"\r\n", body))
+
+
+_BAD_REQUEST = _canned(400, "Bad Request", "agentvisor: malformed HTTP request", close=True)
+_HEAD_TOO_LARGE = _canned(431, "Request Header Fields Too Large",
+                          "agentvisor: request head too large", close=True)
+_NOT_A_TUNNEL = _canned(405, "Method Not Allowed",
+                        "agentvisor: CONNECT is served by the forward proxy only", close=True)
+_NO_ROUTE = _canned(502, "Bad Gateway", "agentvisor: no upstream for this destination")
+_TUNNEL_REFUSED = _canned(502, "Bad Gateway", "agentvisor: tunnel refused", close=True)
+_TUNNEL_OPEN = _canned(503, "Service Unavailable", "agentvisor: circuit breaker open",
+                       close=True)
+
+# Status lines up to the reason phrase, which is the upstream's own.
+_STATUS_PREFIX = [b"HTTP/1.1 %d " % code for code in range(600)]
+
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"  # HTTP/1.0 agents keep only when told
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_FALLBACK_LAST_GOOD = b"X-Agentvisor-Fallback: last_good\r\n"
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _BadMessage(Exception):
+    pass
+
+
+class _UpstreamState:
+    """What the L7 proxy keeps per upstream: idle connections per endpoint, canned
+    answers naming the upstream, and the LAST_GOOD cache. Holds no reference to the
+    Upstream itself, so it lives exactly as long as the Upstream (see `_state_of`)."""
+
+    __slots__ = ("policy", "stats", "pools", "host_lines", "last_good", "rejection",
+                 "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed")
+
+    def __init__(self, upstream: Upstream):
+        policy = self.policy = upstream.policy
+        self.stats = upstream.stats
+        name = upstream.name
+        self.pools: dict[Endpoint, list[_UpstreamConnection]] = {}
+        self.host_lines = {ep: b"Host: %s\r\n" % ep.label.encode() for ep in upstream.endpoints}
+        fallback = policy.fallback
+        self.last_good: OrderedDict[bytes, bytes] | None = (
+            OrderedDict() if fallback.kind is FallbackKind.LAST_GOOD else None)
+        breakers = ", ".join(ep.breaker.name for ep in upstream.endpoints)
+        self.rejection = _canned(
+            503, "Service Unavailable", f"agentvisor: circuit breaker open for {name}",
+            b"X-Agentvisor-Breaker: %s\r\nRetry-After: %d\r\n"
+            % (breakers.encode(), math.ceil(policy.breaker.open_s)))
+        self.static = b"".join((
+            b"HTTP/1.1 %d %s\r\n" % (fallback.status, _reason(fallback.status)),
+            b"Content-Type: %s\r\n" % fallback.content_type.encode(),
+            b"Content-Length: %d\r\n" % len(fallback.body),
+            b"X-Agentvisor-Fallback: static\r\n\r\n", fallback.body))
+        self.timed_out = _canned(504, "Gateway Timeout", f"agentvisor: {name} gave no "
+                                 f"response within {policy.request_timeout_s:g} s")
+        self.connect_timed_out = _canned(504, "Gateway Timeout", f"agentvisor: no "
+                                         f"connection to {name} within "
+                                         f"{policy.connect_timeout_s:g} s")
+        self.bad_gateway = _canned(502, "Bad Gateway",
+                                   f"agentvisor: {name} refused or dropped the connection")
+        self.malformed = _canned(502, "Bad Gateway",
+                                 f"agentvisor: {name} sent a response that is not HTTP/1.1")
+
+    def failure_reply(self, kind: FailureKind) -> bytes:
+        if kind is FailureKind.CONNECT_TIMEOUT:
+            return self.connect_timed_out
+        if kind is FailureKind.MALFORMED:
+            return self.malformed
+        return self.bad_gateway
+
+    def checkout(self, ep: Endpoint) -> _UpstreamConnection | None:
+        """The most recently used idle connection to `ep` that is still open."""
+        pool = self.pools.get(ep)
+        while pool:
+            conn = pool.pop()
+            if not conn.dead and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def checkin(self, conn: _UpstreamConnection) -> None:
+        pool = self.pools.get(conn.endpoint)
+        if pool is None:
+            pool = self.pools[conn.endpoint] = []
+        if conn.dead or len(pool) >= self.policy.pool_size:
+            conn.close()
+            return
+        if conn.reading_paused:  # an idle connection must read, to see the upstream close
+            conn.reading_paused = False
+            conn.transport.resume_reading()
+        pool.append(conn)
+
+    def remember(self, target: bytes, response: bytes) -> None:
+        cache = self.last_good
+        cache[target] = response
+        cache.move_to_end(target)
+        if len(cache) > LAST_GOOD_ENTRIES:
+            cache.popitem(last=False)
+
+
+# Per-upstream L7 state, keyed weakly: an Upstream the router forgets takes its pools
+# and cache with it, and Upstream/Endpoint stay free of proxy internals.
+_states: weakref.WeakKeyDictionary[Upstream, _UpstreamState] = weakref.WeakKeyDictionary()
+
+
+def _state_of(upstream: Upstream) -> _UpstreamState:
+    state = _states.get(upstream)
+    if state is None:
+        state = _states[upstream] = _UpstreamState(upstream)
+    return state
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Fallback"
+
+
+class _Request:
+    """One request from the agent, from its head to the end of its exchange."""
+
+    __slots__ = (
+        # parsed from the agent
+        "method", "line", "host_line", "fields", "chunked", "keep_alive", "http10",
+        "target", "tunnel", "complete",
+        # routing
+        "upstream", "state",
+        # the body, kept for a resend while it fits max_pending_bytes; None once a part
+        # of it went out and was let go
+        "replay", "body_bytes",
+        # the exchange
+        "started", "deadline", "endpoint", "admitted", "attempt", "fresh_retry", "replied",
+        "done", "failed_status",
+    )
+
+    def __init__(self, method: bytes, line: bytes, host_line: bytes | None, fields: bytes,
+                 chunked: bool, keep_alive: bool, http10: bool, target: bytes,
+                 upstream: Upstream | None, state: _UpstreamState | None):
+        self.method = method
+        self.line = line  # the request line as sent upstream (origin-form)
+        self.host_line = host_line  # None: the chosen endpoint's host:port
+        self.fields = fields  # the other forwarded header lines and the blank line
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.http10 = http10
+        self.target = target
+        self.tunnel = method == b"CONNECT"
+        self.complete = False  # the agent sent all of it
+        self.upstream = upstream
+        self.state = state
+        self.replay: list[bytes] | None = []
+        self.body_bytes = 0
+        self.started = 0.0
+        self.deadline = 0.0  # loop time by which the whole answer must be in
+        self.endpoint: Endpoint | None = None
+        self.admitted = False  # a breaker admission awaits its record() or release()
+        self.attempt = 0  # retries sent
+        self.fresh_retry = False  # the one resend after a stale pooled connection
+        self.replied = False  # bytes of an answer were written to the agent
+        self.done = False  # answered: body bytes still arriving are dropped
+        self.failed_status = False
+
+
+class HttpProxy(asyncio.Protocol):
+    """One agent connection: parses its requests, sends each to an upstream, relays the
+    answers in order. `route(host, port)` names the upstream of a request: called with
+    (None, None) once per connection by a per-upstream listener, with the target's
+    host and port per request by the forward proxy."""
+
+    __slots__ = (
+        # fixed for the connection
+        "_route", "_forward", "_on_unrouted", "_loop", "_parser", "_fixed", "_fixed_state",
+        "_max_header_bytes", "_max_pending_bytes", "_max_pending_requests",
+        # the connection
+        "_transport", "_paused", "_agent_blocked", "_owed", "_eof", "_timer", "_timer_at",
+        # the request being parsed
+        "_url", "_host", "_fields", "_chunked", "_connection", "_head_bytes",
+        "_head_raw", "_in_head", "_heads", "_parsing",
+        # exchanges, one at a time, in order
+        "_current", "_queue", "_queued_bytes", "_conn", "_wire", "_wire_bytes",
+        "_reply", "_advancing",
+    )
+
+    def __init__(self, route: Callable[[bytes | None, int | None], Upstream | None], *,
+                 forward: bool = False, on_unrouted: Callable | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self._route = route
+        self._forward = forward
+        self._on_unrouted = on_unrouted  # (host, port) of a request no upstream takes
+        self._loop = loop or asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        # A per-upstream listener knows its upstream, and so its limits, before the
+        # first byte; the forward proxy learns them per request (the head's limit is
+        # the default, since the head names the destination).
+        fixed = self._fixed = None if forward else route(None, None)
+        self._fixed_state = _state_of(fixed) if fixed is not None else None
+        policy = fixed.policy if fixed is not None else None
+        self._max_header_bytes = policy.max_header_bytes if policy else DEFAULT_MAX_HEADER_BYTES
+        self._max_pending_bytes = (policy.max_pending_bytes if policy
+                                   else DEFAULT_MAX_PENDING_BYTES)
+        self._max_pending_requests = (policy.max_pending_requests if policy
+                                      else DEFAULT_MAX_PENDING_REQUESTS)
+
+        self._transport: asyncio.Transport | None = None
+        self._paused = 0  # _UPSTREAM_FULL | _BACKLOG
+        self._agent_blocked = False  # the agent's write buffer is full
+        self._owed: bytes | None = None  # answer to send after the in-flight one, then close
+        self._eof = False  # the agent half-closed: answer what it asked, then close
+        # The request timeout. Arming and cancelling a uvloop timer costs ~2 us here, a
+        # third of the proxy's own work per request, so one timer serves the connection:
+        # armed at a deadline, it checks the request in flight when it fires and re-arms
+        # for that request's deadline (a later request's) or lapses if there is none.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+        self._url = b""
+        self._host: bytes | None = None
+        self._fields: list[bytes] = []
+        self._chunked = False
+        self._connection: bytes | None = None
+        self._head_bytes = 0  # the head so far, as counted from the parser's callbacks
+        self._head_raw = 0  # the head so far, as counted from whole reads inside it
+        self._in_head = True  # between messages counts as in the next head
+        self._heads = 0  # heads completed: tells whether a read ended one
+        self._parsing: _Request | None = None
+
+        self._current: _Request | None = None
+        self._queue: deque[_Request] = deque()
+        self._queued_bytes = 0  # body bytes of queued requests
+        self._conn: _UpstreamConnection | None = None
+        self._wire: list[bytes] = []  # bytes for the upstream, not written yet
+        self._wire_bytes = 0
+        self._reply: list[bytes] = []  # bytes for the agent, not written yet
+        self._advancing = False
+
+    # --- the agent's transport -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        transport.set_write_buffer_limits(self._max_pending_bytes)
+
+    def data_received(self, data: bytes) -> None:
+        if self._owed is not None:
+            return  # the connection is ending: nothing more is read as a request
+        heads = self._heads
+        was_in_head = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(data[exc.args[0]:])
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse(_HEAD_TOO_LARGE)
+            elif isinstance(exc.__context__, _BadMessage):
+                self._refuse(_BAD_REQUEST)
+            else:  # our bug: say so, and still answer like a proxy
+                log.error("agent request callback failed", exc_info=exc.__context__)
+                self._refuse(_BAD_REQUEST)
+            return
+        except httptools.HttpParserError:
+            self._refuse(_BAD_REQUEST)
+            return
+        # httptools only reports a header line once it is complete, so a read that
+        # neither starts nor ends a head (a long line, sent slowly) is counted whole.
+        if was_in_head and self._in_head and heads == self._heads:
+            self._head_raw += len(data)
+            if self._head_raw > self._max_header_bytes:
+                self._refuse(_HEAD_TOO_LARGE)
+                return
+        if self._wire:
+            self._flush_wire()
+
+    def eof_received(self) -> bool:
+        if self._current is None and not self._queue:
+            return False  # nothing owed: close
+        self._eof = True  # a client that shuts down its sending side still reads
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._queue.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._current is not None:
+            self._abandon(self._current, Outcome.FAILED)
+
+    def pause_writing(self) -> None:
+        # The agent reads slower than the upstream answers: stop reading the upstream.
+        self._agent_blocked = True
+        conn = self._conn
+        if conn is not None and conn.transport is not None and not conn.reading_paused:
+            conn.reading_paused = True
+            conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._agent_blocked = False
+        conn = self._conn
+        if conn is not None and conn.reading_paused:
+            conn.reading_paused = False
+            conn.transport.resume_reading()
+
+    # --- the request parser's callbacks ----------------------------------------------
+
+    # Per-head state is reset when a head completes (not in on_message_begin: one
+    # callback fewer per request); after a parse error the connection ends anyway.
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url  # usually one piece; the head's size is checked when complete
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if n > self._max_header_bytes:
+            raise _HeadTooLarge
+        kind = _SPECIAL.get(name.lower())
+        if kind is None or kind is _CONTENT_LENGTH:
+            self._fields += (name, b": ", value, b"\r\n")
+        elif kind is _HOST:
+            self._host = value
+        elif kind is _CONNECTION:
+            self._connection = value
+        elif kind is _TRANSFER_ENCODING:
+            self._chunked = b"chunked" in value.lower()
+            self._fields += (name, b": ", value, b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._heads += 1
+        url = self._url
+        if self._head_bytes + len(url) > self._max_header_bytes:
+            raise _HeadTooLarge
+        parser = self._parser
+        method = parser.get_method()
+        host_line = None
+        if not self._forward:
+            upstream, state = self._fixed, self._fixed_state
+            target = url
+        elif method == b"CONNECT":
+            upstream, state, target = None, None, url  # routed when the tunnel is set up
+        else:
+            authority, target = _split_target(url, self._host)
+            host, port = _host_port(authority)
+            if not port:
+                raise _BadMessage
+            upstream = self._routed(host, port)
+            if upstream is None:
+                state = None
+                if self._on_unrouted is not None:
+                    self._on_unrouted(host, port)
+            else:
+                state = _state_of(upstream)
+                policy = upstream.policy
+                self._max_pending_bytes = policy.max_pending_bytes
+                self._max_pending_requests = policy.max_pending_requests
+            # A forward proxy keeps the agent's Host (it names the destination already).
+            host_line = b"Host: %s\r\n" % (self._host or authority)
+        fields = self._fields
+        connection = self._connection
+        if connection is not None:
+            _drop_listed(fields, connection)
+        fields.append(b"\r\n")
+        keep_alive = parser.should_keep_alive()
+        # An HTTP/1.0 agent keeps its connection only when it says so: an agent that
+        # keeps it and said nothing speaks 1.1, without asking the parser.
+        http10 = ((connection is not None or not keep_alive)
+                  and parser.get_http_version() == "1.0")
+        req = _Request(method, b"%s %s HTTP/1.1\r\n" % (method, target), host_line,
+                       b"".join(fields), self._chunked, keep_alive, http10, target, upstream,
+                       state)
+        fields.clear()
+        self._url = b""
+        self._host = None
+        self._chunked = False
+        self._connection = None
+        self._head_bytes = 0
+        self._head_raw = 0
+        self._parsing = req
+        if req.tunnel:
+            return  # the parser raises HttpParserUpgrade next: see _upgraded
+        if self._current is None and not self._queue:
+            self._start(req)
+        else:
+            self._queue.append(req)
+            self._check_backlog()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req.done:
+            return  # already answered (breaker, failure, early response): drain
+        part = b"%x\r\n%b\r\n" % (len(body), body) if req.chunked else body
+        self._add_body(req, part)
+
+    def on_message_complete(self) -> None:
+        self._in_head = True
+        req = self._parsing
+        req.complete = True
+        if req.chunked and not req.done:
+            self._add_body(req, _LAST_CHUNK)  # trailers are not forwarded
+
+    def _add_body(self, req: _Request, part: bytes) -> None:
+        n = len(part)
+        req.body_bytes += n
+        replay = req.replay
+        if replay is not None:
+            replay.append(part)
+        if req is self._current:
+            self._wire.append(part)
+            self._wire_bytes += n
+            if self._wire_bytes > self._max_pending_bytes and self._conn.transport is None:
+                self._check_backlog()  # still connecting: bytes pile up here
+        else:
+            self._queued_bytes += n
+            if self._queued_bytes > self._max_pending_bytes:
+                self._check_backlog()
+
+    # --- one exchange ----------------------------------------------------------------
+
+    def _start(self, req: _Request) -> None:
+        """`req` is next in line: choose an endpoint, or answer at once."""
+        self._current = req
+        self._queued_bytes -= req.body_bytes
+        upstream = req.upstream
+        if upstream is None:
+            req.done = True
+            self._reply.append(_NO_ROUTE)
+            self._end(req)
+            return
+        now = req.started = self._loop.time()
+        state = req.state
+        state.stats.active += 1
+        ep = upstream.choose(now)
+        if ep is None:
+            self._reject(req)
+            return
+        upstream.retry_budget.deposit(now)
+        deadline = req.deadline = now + state.policy.request_timeout_s
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
+        self._attempt(req, ep, fresh=False)
+
+    def _attempt(self, req: _Request, ep: Endpoint, fresh: bool) -> None:
+        """Queue `req` for `ep`, on an idle pooled connection or a new one. The caller
+        flushes, so that a head and the body parsed with it leave in one write."""
+        req.endpoint = ep
+        req.admitted = True
+        state = req.state
+        conn = None if fresh else state.checkout(ep)
+        if conn is None:
+            conn = _UpstreamConnection(self._loop, state, ep)
+            conn.open()
+        else:
+            conn.reused = True
+        conn.proxy = self
+        conn.got_bytes = False
+        self._conn = conn
+        if self._paused & _UPSTREAM_FULL:  # that was the previous connection's buffer
+            self._resume(_UPSTREAM_FULL)
+        wire = self._wire
+        wire.clear()
+        wire.append(req.line)
+        wire.append(req.host_line or state.host_lines[ep])
+        wire.append(req.fields)
+        replay = req.replay
+        if replay:
+            wire += replay
+        self._wire_bytes = req.body_bytes
+        if self._agent_blocked and conn.transport is not None:
+            conn.reading_paused = True
+            conn.transport.pause_reading()
+
+    def _flush_wire(self) -> None:
+        conn = self._conn
+        if conn is None or conn.transport is None:
+            return  # still connecting: `_connected` flushes
+        wire = self._wire
+        conn.transport.write(wire[0] if len(wire) == 1 else b"".join(wire))
+        wire.clear()
+        self._wire_bytes = 0
+        req = self._current
+        if req.replay is not None and req.body_bytes > self._max_pending_bytes:
+            req.replay = None  # sent and too big to keep: this request is not resent
+        if self._paused & _BACKLOG:
+            self._check_backlog()
+
+    def _connected(self, conn: _UpstreamConnection) -> None:
+        if self._agent_blocked:
+            conn.reading_paused = True
+            conn.transport.pause_reading()
+        self._flush_wire()
+
+    def _reject(self, req: _Request) -> None:
+        """Every endpoint's breaker is open: the fallback, else 503 naming the breaker."""
+        state = req.state
+        kind = state.policy.fallback.kind
+        outcome = Outcome.FALLBACK
+        reply = None
+        if kind is FallbackKind.STATIC:
+            reply = state.static
+        elif kind is FallbackKind.LAST_GOOD and req.method == b"GET":
+            reply = state.last_good.get(req.target)
+        if reply is None:
+            reply, outcome = state.rejection, Outcome.REJECTED
+        elif req.method == b"HEAD":
+            reply = reply[:reply.index(b"\r\n\r\n") + 4]
+        req.done = True
+        self._reply.append(reply)
+        self._finish(req, outcome)
+
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()  # only when a shorter timeout overtakes a longer one
+        self._timer = self._loop.call_at(deadline, self._deadline_check)
+        self._timer_at = deadline
+
+    def _deadline_check(self) -> None:
+        self._timer = None
+        req = self._current
+        if req is None:
+            return  # idle: the next request arms it again
+        if self._loop.time() + _TIMER_SLACK_S < req.deadline:
+            self._arm(req.deadline)  # a later request is in flight now
+            return
+        self._drop_conn()
+        self._failure(req, FailureKind.TIMEOUT)
+        if req.replied:  # half an answer is out: only a cut connection says so now
+            self._finish(req, Outcome.FAILED, cut=True)
+        else:
+            req.done = True
+            self._reply.clear()  # a head not yet written gives way to the 504
+            self._reply.append(req.state.timed_out)
+            self._finish(req, Outcome.FAILED)
+
+    def _upstream_failed(self, conn: _UpstreamConnection, kind: FailureKind) -> None:
+        """`conn` failed the current exchange (refused, connect timeout, reset,
+        malformed): resend if that is safe, else answer 502/504."""
+        req = self._current
+        got_bytes = conn.got_bytes
+        self._drop_conn()
+        if req.replied:
+            self._failure(req, kind)
+            self._finish(req, Outcome.FAILED, cut=True)
+            return
+        self._reply.clear()  # a head not yet written: the request is answered afresh
+        if (kind is FailureKind.RESET and conn.reused and not got_bytes
+                and not req.fresh_retry and req.replay is not None):
+            # A pooled connection the upstream closed as we reused it says nothing about
+            # the upstream's health: once, on a new connection, same admission.
+            req.fresh_retry = True
+            self._attempt(req, req.endpoint, fresh=True)  # flushed once connected
+            return
+        self._failure(req, kind)
+        upstream = req.upstream
+        settings = req.state.policy.retry
+        if req.replay is not None and may_retry(req.method, not got_bytes, req.attempt + 1,
+                                                settings):
+            now = self._loop.time()
+            if upstream.retry_budget.withdraw(now):
+                ep = _choose_other(upstream, req.endpoint, now)
+                if ep is not None:
+                    req.attempt += 1
+                    req.state.stats.retried()
+                    self._attempt(req, ep, fresh=False)
+                    self._flush_wire()
+                    return
+            else:
+                req.state.stats.retry_denied()
+        req.done = True
+        self._reply.clear()
+        self._reply.append(req.state.failure_reply(kind))
+        self._finish(req, Outcome.FAILED)
+
+    def _failure(self, req: _Request, kind: FailureKind) -> None:
+        ep = req.endpoint
+        if req.admitted:
+            req.admitted = False
+            ep.breaker.record(False, self._loop.time(), kind.value)
+        req.state.stats.failed(kind, ep.label)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %s: %s", req.state.stats.upstream, ep.label, kind.value)
+
+    def _response_done(self, conn: _UpstreamConnection, reusable: bool,
+                       close_agent: bool) -> None:
+        """The whole response is relayed: the verdict, the connection back to the pool."""
+        req = self._current
+        self._conn = None
+        conn.proxy = None
+        if reusable and req.complete:
+            req.state.checkin(conn)
+        else:
+            conn.close()
+        if req.failed_status:
+            self._failure(req, FailureKind.STATUS)
+            outcome = Outcome.FAILED
+        else:
+            req.admitted = False
+            req.endpoint.breaker.record(True, self._loop.time())
+            outcome = Outcome.OK
+        req.done = True
+        self._finish(req, outcome, close=close_agent)
+
+    def _finish(self, req: _Request, outcome: Outcome, close: bool = False,
+                cut: bool = False) -> None:
+        stats = req.state.stats
+        stats.active -= 1
+        stats.done(outcome, self._loop.time() - req.started)
+        self._end(req, close, cut)
+
+    def _end(self, req: _Request, close: bool = False, cut: bool = False) -> None:
+        """The agent has its answer (or all it will get, when `cut`): write it, then
+        the next request's turn."""
+        self._current = None
+        self._wire.clear()
+        self._wire_bytes = 0
+        if self._paused & _UPSTREAM_FULL:
+            self._resume(_UPSTREAM_FULL)
+        self._send_reply()
+        transport = self._transport
+        if transport is None:
+            return
+        if cut:
+            _reset(transport)
+            return
+        if close or not req.keep_alive:
+            transport.close()
+            return
+        if self._owed is not None:
+            transport.write(self._owed)
+            transport.close()
+            return
+        if self._advancing:
+            return  # called from the loop below (a queued request answered at once)
+        self._advancing = True
+        try:
+            queue = self._queue
+            while self._current is None and queue and self._transport is not None:
+                self._start(queue.popleft())
+            if self._eof and self._current is None and self._transport is not None:
+                self._transport.close()
+                return
+            if self._paused & _BACKLOG:
+                self._check_backlog()
+            if self._wire:
+                self._flush_wire()
+        finally:
+            self._advancing = False
+
+    def _send_reply(self) -> None:
+        reply = self._reply
+        if reply:
+            req = self._current
+            if req is not None:
+                req.replied = True
+            if self._transport is not None:
+                self._transport.write(reply[0] if len(reply) == 1 else b"".join(reply))
+            reply.clear()
+
+    def _abandon(self, req: _Request, outcome: Outcome) -> None:
+        """End an exchange that cannot complete (the agent left, or its request broke):
+        the breaker gets no verdict, since the upstream gave none; the upstream
+        connection is mid-exchange and goes."""
+        self._current = None
+        req.done = True
+        self._drop_conn()
+        if req.admitted:
+            req.admitted = False
+            req.endpoint.breaker.release()
+        stats = req.state.stats
+        stats.active -= 1
+        stats.done(outcome, self._loop.time() - req.started)
+
+    def _drop_conn(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.proxy = None
+            conn.close()
+
+    # --- bad input, tunnels, flow control --------------------------------------------
+
+    def _refuse(self, reply: bytes) -> None:
+        """The agent's bytes are not HTTP we serve: answer once, in turn, and close."""
+        self._pause(_BACKLOG)
+        self._queue.clear()
+        req = self._current
+        transport = self._transport
+        if req is not None and req is self._parsing and not req.complete:
+            # What broke is the body of the request in flight: it cannot be completed.
+            self._abandon(req, Outcome.BAD_REQUEST)
+            if req.replied:
+                self._send_reply()
+                _reset(transport)
+                return
+            self._reply.clear()
+        else:
+            upstream = self._fixed
+            if upstream is not None:
+                upstream.stats.done(Outcome.BAD_REQUEST, 0.0)
+            if req is not None:
+                self._owed = reply  # after the answer the agent is waiting for
+                return
+        transport.write(reply)
+        transport.close()
+
+    def _upgraded(self, rest: bytes) -> None:
+        req = self._parsing
+        if not req.tunnel:
+            # Another protocol was asked for; Upgrade is not forwarded, so the upstream
+            # answers in HTTP/1.1 and what follows is the next request.
+            if rest:
+                self.data_received(rest)
+            elif self._wire:
+                self._flush_wire()
+            return
+        if not self._forward:
+            self._refuse(_NOT_A_TUNNEL)
+            return
+        if self._current is not None or self._queue:
+            self._refuse(_BAD_REQUEST)  # a tunnel behind pipelined requests: not HTTP
+            return
+        host, port = _host_port(req.target)
+        upstream = self._routed(host, port) if port else None
+        transport = self._transport
+        if upstream is None:
+            if port and self._on_unrouted is not None:
+                self._on_unrouted(host, port)
+            transport.write(_NO_ROUTE if port else _BAD_REQUEST)
+            transport.close()
+            return
+        self._transport = None  # the relay owns it now
+        adopt(transport, TcpRelay(upstream, greeting=_CONNECT_OK, refusal=_tunnel_refusal),
+              rest)
+
+    def _routed(self, host: bytes, port: int) -> Upstream | None:
+        try:
+            return self._route(host, port)
+        except Exception:  # a router bug must cost one request, not the connection
+            log.exception("no route for %r port %d", host, port)
+            return None
+
+    def _check_backlog(self) -> None:
+        over = (len(self._queue) >= self._max_pending_requests
+                or self._queued_bytes > self._max_pending_bytes
+                or self._wire_bytes > self._max_pending_bytes)
+        if over:
+            self._pause(_BACKLOG)
+        elif self._paused & _BACKLOG and self._owed is None:
+            self._resume(_BACKLOG)
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        paused = self._paused
+        self._paused = paused & ~reason
+        if paused and not self._paused and self._transport is not None:
+            self._transport.resume_reading()
+
+
+class _UpstreamConnection(asyncio.Protocol):
+    """One connection to an endpoint: serves one exchange at a time, then waits in its
+    endpoint's pool. Parses responses and writes them, reframed, into the proxy's reply."""
+
+    __slots__ = (
+        # fixed
+        "loop", "state", "endpoint", "parser", "max_header_bytes",
+        # the connection
+        "transport", "proxy", "reused", "dead", "reading_paused", "_connecting",
+        "_connect_timer",
+        # the response being parsed
+        "got_bytes", "reason", "fields", "connection", "te", "length", "mode",
+        "informational", "eof_body", "close_agent", "capture", "capture_head", "capture_bytes",
+        "head_bytes", "head_raw", "in_head", "heads",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, state: _UpstreamState,
+                 endpoint: Endpoint):
+        self.loop = loop
+        self.state = state
+        self.endpoint = endpoint
+        self.parser = httptools.HttpResponseParser(self)
+        self.max_header_bytes = state.policy.max_header_bytes
+
+        self.transport: asyncio.Transport | None = None
+        self.proxy: HttpProxy | None = None  # the exchange served; None while idle
+        self.reused = False
+        self.dead = False
+        self.reading_paused = False
+        self._connecting: asyncio.Task | None = None
+        self._connect_timer: asyncio.TimerHandle | None = None
+
+        self.got_bytes = False
+        self.reason = b""
+        self.fields: list[bytes] = []
+        self.connection: bytes | None = None
+        self.te: bytes | None = None
+        self.length = False
+        self.mode = _NO_BODY
+        self.informational = False
+        self.eof_body = False  # the body ends when the upstream closes
+        self.close_agent = False
+        self.capture: list[bytes] | None = None  # a 2xx GET being kept for LAST_GOOD
+        self.capture_head = 0  # items of `capture` that are the head
+        self.capture_bytes = 0
+        self.head_bytes = 0
+        self.head_raw = 0
+        self.in_head = True
+        self.heads = 0
+
+    # --- connecting (a task per new connection, none per request) -------------------
+
+    def open(self) -> None:
+        loop = self.loop
+        ep = self.endpoint
+        self._connect_timer = loop.call_later(self.state.policy.connect_timeout_s,
+                                              self._connect_timed_out)
+        self._connecting = loop.create_task(loop.create_connection(lambda: self, ep.host,
+                                                                   ep.port))
+        self._connecting.add_done_callback(self._connect_done)
+
+    def _connect_timed_out(self) -> None:
+        self._connect_timer = None
+        if self.transport is None and not self.dead:
+            self.dead = True
+            self._connecting.cancel()
+            if self.proxy is not None:
+                self.proxy._upstream_failed(self, FailureKind.CONNECT_TIMEOUT)
+
+    def _connect_done(self, task: asyncio.Task) -> None:
+        self._connecting = None
+        if task.cancelled():
+            return  # the connect deadline: already reported
+        exc = task.exception()
+        if exc is None:
+            return  # connection_made did the work
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        if not self.dead:
+            self.dead = True
+            if self.proxy is not None:
+                kind = (FailureKind.CONNECT_TIMEOUT if isinstance(exc, TimeoutError)
+                        else FailureKind.REFUSED)
+                self.proxy._upstream_failed(self, kind)
+
+    # --- the upstream's transport ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        if self.dead:  # given up (deadline, agent gone) as the connection came up
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(self.state.policy.max_pending_bytes)
+        self.proxy._connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        proxy = self.proxy
+        if proxy is None:  # an idle connection must stay silent; this one is not HTTP
+            self.close()
+            return
+        self.got_bytes = True
+        heads = self.heads
+        was_in_head = self.in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if isinstance(exc, httptools.HttpParserCallbackError) and not isinstance(
+                    exc.__context__, (_HeadTooLarge, _BadMessage)):
+                log.error("upstream response callback failed", exc_info=exc.__context__)
+            self._malformed()
+            return
+        if was_in_head and self.in_head and heads == self.heads and self.proxy is not None:
+            self.head_raw += len(data)
+            if self.head_raw > self.max_header_bytes:
+                self._malformed()
+                return
+        if self.proxy is not None:
+            self.proxy._send_reply()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        pool = self.state.pools.get(self.endpoint)
+        if pool and self in pool:
+            pool.remove(self)
+        proxy = self.proxy
+        if proxy is None:
+            return
+        if self.eof_body and not self.in_head:
+            # A body delimited by the close has ended.
+            if self.mode is _RECHUNK:
+                proxy._reply.append(_LAST_CHUNK)
+            proxy._response_done(self, False, self.close_agent)
+        else:
+            proxy._upstream_failed(self, FailureKind.RESET)
+
+    def pause_writing(self) -> None:
+        # The upstream reads slower than the agent sends: stop reading the agent.
+        if self.proxy is not None:
+            self.proxy._pause(_UPSTREAM_FULL)
+
+    def resume_writing(self) -> None:
+        if self.proxy is not None:
+            self.proxy._resume(_UPSTREAM_FULL)
+
+    def close(self) -> None:
+        self.dead = True
+        if self.transport is not None:
+            self.transport.close()
+            return
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+
+    def _malformed(self) -> None:
+        proxy = self.proxy
+        self.close()
+        if proxy is not None:
+            proxy._upstream_failed(self, FailureKind.MALFORMED)
+
+    # --- the response parser's callbacks ---------------------------------------------
+
+    # Per-head state is reset when a head completes, as on the agent's side.
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+        self.head_bytes += len(reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
+        if n > self.max_header_bytes:
+            raise _HeadTooLarge
+        kind = _SPECIAL.get(name.lower())
+        if kind is None or kind is _HOST:
+            self.fields += (name, b": ", value, b"\r\n")
+        elif kind is _CONTENT_LENGTH:
+            self.length = True
+            self.fields += (name, b": ", value, b"\r\n")
+        elif kind is _TRANSFER_ENCODING:
+            self.te = value  # written back only if the body stays chunked
+        elif kind is _CONNECTION:
+            self.connection = value
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.heads += 1
+        proxy = self.proxy
+        if proxy is None:
+            raise _BadMessage  # a response to nothing we sent
+        req = proxy._current
+        status = self.parser.get_status_code()
+        fields = self.fields
+        reason = self.reason
+        te = self.te
+        if self.connection is not None:
+            _drop_listed(fields, self.connection)
+        reply = proxy._reply
+        if status < 200:
+            if status == 101:
+                raise _BadMessage  # we never ask to switch protocols
+            # 100 Continue and friends: the agent may be waiting for one (not 1.0).
+            self.informational = True
+            if not req.http10:
+                reply.append(b"%s%s\r\n\r\n" % (_STATUS_PREFIX[status], reason))
+            self._next_head()
+            return
+        state = self.state
+        req.failed_status = status in state.policy.failure_statuses
+        reply.append(_STATUS_PREFIX[status])
+        reply.append(reason)
+        reply.append(b"\r\n")
+        reply += fields
+        method = req.method
+        if state.last_good is not None and method == b"GET" and 200 <= status < 300:
+            self.capture = [_STATUS_PREFIX[status], reason, b"\r\n", *fields]
+            self.capture_head = len(self.capture)
+            self.capture_bytes = 0
+        else:
+            self.capture = None
+        close_agent = not req.keep_alive
+        self.eof_body = False
+        if method == b"HEAD" or status == 204 or status == 304:
+            self.mode = _NO_BODY
+            if te is not None and method == b"HEAD" and not req.http10:
+                reply.append(b"Transfer-Encoding: %s\r\n" % te)
+        elif te is None and self.length:
+            self.mode = _AS_IS
+        else:  # chunked, or delimited by the upstream's close
+            self.eof_body = te is None
+            if req.http10:  # no chunked for 1.0: the close delimits the body
+                self.mode = _AS_IS
+                close_agent = True
+            else:
+                self.mode = _RECHUNK
+                reply.append(b"Transfer-Encoding: %s\r\n" % te if te is not None else _CHUNKED)
+        self.close_agent = close_agent
+        if close_agent:
+            reply.append(_CLOSE)
+        elif req.http10:
+            reply.append(_KEEP_ALIVE)
+        reply.append(b"\r\n")
+        self._next_head()
+        if method == b"HEAD":
+            # httptools cannot be told a response has no body, so a HEAD answer with a
+            # length would leave the parser waiting for it: this connection ends here.
+            proxy._response_done(self, False, close_agent)
+
+    def _next_head(self) -> None:
+        self.fields.clear()
+        self.reason = b""
+        self.connection = None
+        self.te = None
+        self.length = False
+        self.head_bytes = 0
+        self.head_raw = 0
+
+    def on_body(self, body: bytes) -> None:
+        proxy = self.proxy
+        if proxy is None or not body:
+            return
+        if self.mode is _RECHUNK:
+            proxy._reply.append(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            proxy._reply.append(body)
+        capture = self.capture
+        if capture is not None:
+            self.capture_bytes += len(body)
+            if self.capture_bytes > LAST_GOOD_MAX_BODY_BYTES:
+                self.capture = None
+            else:
+                capture.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_head = True
+        if self.informational:
+            self.informational = False
+            return
+        proxy = self.proxy
+        if proxy is None:
+            return  # HEAD: done at the head
+        if self.mode is _RECHUNK:
+            proxy._reply.append(_LAST_CHUNK)
+        capture = self.capture
+        if capture is not None:
+            self.capture = None
+            self._remember(proxy._current.target, capture)
+        proxy._response_done(self, self.parser.should_keep_alive(), self.close_agent)
+
+    def _remember(self, target: bytes, capture: list[bytes]) -> None:
+        """Keep a 2xx GET answer for LAST_GOOD, framed by length whatever its framing."""
+        n = self.capture_head
+        length = b"" if self.length else b"Content-Length: %d\r\n" % self.capture_bytes
+        self.state.remember(target, b"".join(
+            (*capture[:n], length, _FALLBACK_LAST_GOOD, b"\r\n", *capture[n:])))
+
+
+def _choose_other(upstream: Upstream, failed: Endpoint, now: float) -> Endpoint | None:
+    """`Upstream.choose` for a retry: the nearest admitting endpoint other than the one
+    that just failed (whose breaker may not have tripped yet), else that one again."""
+    for ep in upstream.endpoints:
+        if ep is not failed and ep.breaker.allow(now):
+            return ep
+    return failed if failed.breaker.allow(now) else None
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass  # already gone: abort() is all that is left
+    transport.abort()
+
+
+def _tunnel_refusal(reason: str) -> bytes:
+    """The answer to a CONNECT the L4 relay could not open."""
+    return _TUNNEL_OPEN if reason.startswith("circuit breaker open") else _TUNNEL_REFUSED
+
+
+def _split_target(url: bytes, host: bytes | None) -> tuple[bytes, bytes]:
+    """A forward proxy's request target -> (authority, origin-form target)."""
+    if url[:7].lower() == b"http://":
+        rest = url[7:]
+        end = len(rest)
+        for sep in (b"/", b"?"):
+            i = rest.find(sep)
+            if 0 <= i < end:
+                end = i
+        authority, target = rest[:end], rest[end:]
+        if not target.startswith(b"/"):
+            target = b"/" + target
+        authority = authority.rpartition(b"@")[2]  # userinfo is not forwarded
+        if authority:
+            return authority, target
+    elif url.startswith(b"/") and host:
+        return host, url  # origin-form to the proxy: the Host header names the destination
+    raise _BadMessage  # https:// (use CONNECT), no host, or not a URL
+
+
+def _host_port(authority: bytes) -> tuple[bytes, int]:
+    """b'host:port' -> (b'host', port); port 80 when absent; port 0 when unreadable."""
+    host, sep, port = authority.rpartition(b":")
+    if not sep or b"]" in port:  # no port, or the colon was inside an IPv6 literal
+        host, port = authority, b"80"
+    if host.startswith(b"[") and host.endswith(b"]"):
+        host = host[1:-1]
+    return host, int(port) if port.isdigit() and 0 < int(port) < 65536 else 0
+
+
+def _drop_listed(fields: list[bytes], connection: bytes) -> None:
+    """Remove from `fields` (flat name, ': ', value, CRLF groups) the headers that the
+    Connection header names (RFC 9110 7.6.1): they describe that one connection."""
+    names = {t.strip().lower() for t in connection.split(b",")} - _CONNECTION_OPTIONS
+    if not names:
+        return
+    kept = [p for i in range(0, len(fields), 4) if fields[i].lower() not in names
+            for p in fields[i:i + 4]]
+    fields[:] = kept
+
+
+def serve_upstream(upstream: Upstream) -> Callable[[], HttpProxy]:
+    """The protocol factory of a per-upstream listener: every request goes to
+    `upstream`, with Host rewritten to the chosen endpoint's host:port."""
+    route = lambda host, port: upstream  # noqa: E731
+    return lambda: HttpProxy(route)
+
+
+def serve_forward(route: Callable[[bytes, int], Upstream | None]) -> Callable[[], HttpProxy]:
+    """The protocol factory of the forward proxy (HTTP_PROXY): absolute-form targets go
+    to `route(host, port)`, in origin-form; CONNECT host:port becomes an L4 tunnel."""
+    return lambda: HttpProxy(route, forward=True)

@@ -1,0 +1,78 @@
+"""Transparent interception as an operator gets it: `intercept: transparent` and `user:`
+in the host config, and the supervisor does the rest (nftables rules on start, gone on
+stop), inside a network namespace this test creates.
+
+The agent is a plain TCP request/response client run as nobody. It dials the upstream's
+real address; the sidecar answers for it, applies the upstream's policy and counts it.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_transparent import ECHO, NOBODY, SYSTEM_PYTHON, ns  # noqa: F401
+from tests.integration.harness import wait_until
+
+UPSTREAM_PORT = 7001
+METRICS_PORT = 9901
+
+CLIENT = f"""
+import socket, sys, time
+out = open(sys.argv[1], "a", buffering=1)
+while True:
+    try:
+        with socket.create_connection(("127.0.0.1", {UPSTREAM_PORT}), timeout=5) as s:
+            s.sendall(b"ping")
+            out.write("reply " + s.recv(100).decode() + "\\n")
+    except OSError as e:
+        out.write(f"error {{type(e).__name__}}\\n")
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def public_dir():
+    # nobody cannot enter pytest's 0700 tmp: the agent's script and results live here.
+    d = Path(tempfile.mkdtemp(prefix="agentvisor-transparent-"))
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_supervisor_installs_redirects_and_the_agent_goes_through_the_sidecar(
+        ns, fleet, public_dir):  # noqa: F811
+    ns.spawn(SYSTEM_PYTHON, "-c", ECHO, str(UPSTREAM_PORT)).expect(lambda l: l == "ready")
+    (public_dir / "client.py").write_text(CLIENT)
+    results = public_dir / "results.txt"
+    results.touch()
+    os.chmod(results, 0o666)
+    fleet.write_config({
+        "upstreams": {"Echo": {"address": f"127.0.0.1:{UPSTREAM_PORT}"}},
+        "sidecar": {"metrics_listen": f"127.0.0.1:{METRICS_PORT}"},
+        "pc2_services": [{
+            "name": "Client", "command": [SYSTEM_PYTHON, str(public_dir / "client.py"),
+                                          str(results)],
+            "user": NOBODY, "intercept": "transparent", "restart": {"start_s": 0.2},
+            "cwd": str(public_dir),  # a folder its user may enter
+        }],
+    })
+    fleet.start(prefix=("ip", "netns", "exec", ns.name))
+    fleet.wait_state("Client", "RUNNING")
+    assert fleet.agent("sidecar")["state"] == "RUNNING"
+    wait_until(lambda: "reply ping" in results.read_text(), 10, "a reply through the sidecar")
+    assert "meta skuid 65534" in ns.run("nft", "list", "table", "inet", "agentvisor").stdout
+    # The sidecar, not the upstream directly, carried it: its breaker for Echo saw it.
+    metrics = ns.run(SYSTEM_PYTHON, "-c", "import urllib.request; print(urllib.request."
+                     f"urlopen('http://127.0.0.1:{METRICS_PORT}/metrics').read().decode())")
+    ok = [l for l in metrics.stdout.splitlines() if l.startswith(
+        'agentvisor_sidecar_requests_total{outcome="ok",upstream="Echo"}')]
+    assert ok and float(ok[0].split()[-1]) >= 1, metrics.stdout[-2000:]
+    rows = json.loads(fleet.cli("breakers", "--json").stdout)
+    assert [r["name"] for r in rows if r["upstream"] == "Echo"] == ["Echo"]
+    assert fleet.stop() == 0
+    # Rules are removed on stop: nothing of ours is left in the host's firewall.
+    assert "agentvisor" not in ns.run("nft", "list", "tables").stdout

@@ -1,0 +1,681 @@
+"""The L7 proxy's protocols driven by bytes alone: fake transports record what each side
+would have sent, a fake loop holds the clock, the timers and the connects, and the test
+fires them by hand. No sockets, no sleeping: a 10 s timeout is tested in microseconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.config import (BreakerSettings, Fallback, FallbackKind, Protocol, RetrySettings,
+                            UpstreamPolicy)
+from sidecar.policy.breaker import BreakerState
+from sidecar.proxy.http import HttpProxy
+from sidecar.upstream import Upstream
+
+
+class FakeTransport:
+    def __init__(self, protocol=None):
+        self.protocol = protocol
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.reading = True
+        self.limits = None
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.writes.append(bytes(data))
+
+    def take(self) -> bytes:
+        data = b"".join(self.writes)
+        self.writes.clear()
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self.limits = high
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+class FakeTimer:
+    def __init__(self, when, callback, args):
+        self.when, self.callback, self.args = when, callback, args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fire(self) -> None:
+        assert not self.cancelled
+        self.cancelled = True
+        self.callback(*self.args)
+
+
+class FakeConnect:
+    """One `create_connection` the proxy asked for, completed by the test."""
+
+    def __init__(self, factory, host, port):
+        self.factory, self.host, self.port = factory, host, port
+        self.callbacks = []
+        self._cancelled = False
+        self._exc = None
+        self.transport: FakeTransport | None = None
+        self.protocol = None
+
+    # the Task side
+    def add_done_callback(self, cb) -> None:
+        self.callbacks.append(cb)
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        self._done()
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def exception(self):
+        return self._exc
+
+    def _done(self) -> None:
+        for cb in self.callbacks:
+            cb(self)
+        self.callbacks.clear()
+
+    # the test side
+    def accept(self) -> FakeTransport:
+        self.protocol = self.factory()
+        self.transport = FakeTransport(self.protocol)
+        self.protocol.connection_made(self.transport)
+        self._done()
+        return self.transport
+
+    def refuse(self) -> None:
+        self._exc = ConnectionRefusedError(111, "Connection refused")
+        self._done()
+
+    def respond(self, data: bytes) -> None:
+        self.protocol.data_received(data)
+
+    def lost(self) -> None:
+        self.transport.closed = True
+        self.protocol.connection_lost(None)
+
+
+class FakeLoop:
+    def __init__(self):
+        self.now = 1000.0
+        self.timers: list[FakeTimer] = []
+        self.connects: list[FakeConnect] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when, callback, *args) -> FakeTimer:
+        timer = FakeTimer(when, callback, args)
+        self.timers.append(timer)
+        return timer
+
+    def call_later(self, delay, callback, *args) -> FakeTimer:
+        return self.call_at(self.now + delay, callback, *args)
+
+    def armed(self) -> list[FakeTimer]:
+        return [t for t in self.timers if not t.cancelled]
+
+    def create_connection(self, factory, host, port) -> FakeConnect:
+        connect = FakeConnect(factory, host, port)
+        self.connects.append(connect)
+        return connect
+
+    def create_task(self, connect: FakeConnect) -> FakeConnect:
+        return connect
+
+
+def policy(**kw) -> UpstreamPolicy:
+    kw.setdefault("endpoints", (("10.0.0.1", 8080),))
+    return UpstreamPolicy(name="Hub", protocol=Protocol.HTTP, **kw)
+
+
+class Rig:
+    """One upstream and agent connections to its per-upstream listener."""
+
+    def __init__(self, **kw):
+        self.loop = FakeLoop()
+        self.upstream = Upstream(policy(**kw))
+        self.stats = self.upstream.stats
+
+    def agent(self, forward_route=None):
+        if forward_route is None:
+            proxy = HttpProxy(lambda host, port: self.upstream, loop=self.loop)
+        else:
+            proxy = HttpProxy(forward_route, forward=True, loop=self.loop)
+        transport = FakeTransport(proxy)
+        proxy.connection_made(transport)
+        return proxy, transport
+
+    def breaker(self, i=0):
+        return self.upstream.endpoints[i].breaker
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+GET = b"GET /status HTTP/1.1\r\nHost: localhost:9000\r\nUser-Agent: legacy\r\n\r\n"
+
+
+def head_of(message: bytes) -> bytes:
+    return message.split(b"\r\n\r\n", 1)[0]
+
+
+# --- forwarding --------------------------------------------------------------------
+
+
+def test_request_forwarded_and_answer_relayed_with_keep_alive_on_both_sides():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    [connect] = rig.loop.connects
+    assert (connect.host, connect.port) == ("10.0.0.1", 8080)
+    up = connect.accept()
+    assert up.take() == (b"GET /status HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n"
+                         b"User-Agent: legacy\r\n\r\n")
+    connect.respond(OK)
+    assert agent.take() == OK
+    assert not agent.closed and not up.closed
+    assert rig.stats.outcomes["ok"] == 1 and rig.stats.active == 0
+
+    # The next request reuses the pooled connection: no new connect.
+    proxy.data_received(GET)
+    assert len(rig.loop.connects) == 1
+    assert up.take().startswith(b"GET /status HTTP/1.1\r\n")
+    connect.respond(OK)
+    assert agent.take() == OK
+    assert rig.stats.outcomes["ok"] == 2
+
+
+def test_hop_by_hop_headers_are_not_forwarded_either_way():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Secret\r\n"
+                        b"X-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: b\r\n"
+                        b"TE: trailers\r\nX-Kept: yes\r\n\r\n")
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    sent = up.take()
+    for name in (b"Connection", b"X-Secret", b"Keep-Alive", b"Proxy-Authorization", b"TE:"):
+        assert name not in sent
+    assert b"X-Kept: yes\r\n" in sent
+    connect.respond(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+                    b"Content-Length: 2\r\n\r\nok")
+    answer = agent.take()
+    assert b"Keep-Alive" not in answer and b"Connection" not in answer
+    assert answer.endswith(b"\r\n\r\nok")
+
+
+def test_body_sent_before_the_upstream_is_connected_is_held_and_forwarded():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+    proxy.data_received(b"56789")
+    up = rig.loop.connects[0].accept()
+    assert up.take().endswith(b"Content-Length: 10\r\n\r\n0123456789")
+
+
+def test_chunked_request_and_response_bodies_are_streamed_in_chunks():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(b"POST /m HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n")
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    proxy.data_received(b"2\r\nde\r\n0\r\n\r\n")
+    sent = up.take()
+    assert sent.endswith(b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    connect.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwxyz\r\n")
+    connect.respond(b"0\r\n\r\n")
+    assert agent.take() == (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"4\r\nwxyz\r\n0\r\n\r\n")
+    assert rig.stats.outcomes["ok"] == 1
+
+
+def test_close_delimited_response_reaches_a_keep_alive_agent_chunked():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    connect.respond(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+    connect.lost()
+    assert agent.take() == (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"9\r\nall of it\r\n0\r\n\r\n")
+    assert not agent.closed
+    assert rig.stats.outcomes["ok"] == 1 and rig.stats.failures == {}
+
+
+def test_head_204_and_304_have_no_body():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(b"HEAD /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = rig.loop.connects[0]
+    head.accept()
+    head.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+    assert agent.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+    # 204 and 304 end at their heads whatever length they claim; the connection goes on.
+    proxy.data_received(GET)
+    connect = rig.loop.connects[1]
+    connect.accept()
+    for status in (b"204 No Content", b"304 Not Modified"):
+        answer = b"HTTP/1.1 " + status + b"\r\nContent-Length: 10\r\n\r\n"
+        connect.respond(answer)
+        assert agent.take() == answer
+        proxy.data_received(GET)
+    connect.respond(OK)
+    assert agent.take() == OK
+    assert len(rig.loop.connects) == 2 and rig.stats.outcomes["ok"] == 4
+
+
+def test_pipelined_requests_answered_in_order_and_reading_paused_beyond_the_limit():
+    rig = Rig(max_pending_requests=2)
+    proxy, agent = rig.agent()
+    proxy.data_received(GET.replace(b"/status", b"/1") + GET.replace(b"/status", b"/2"))
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    assert agent.reading
+    proxy.data_received(GET.replace(b"/status", b"/3"))
+    assert not agent.reading  # two requests wait behind the one in flight
+    assert up.take().startswith(b"GET /1 ")
+    connect.respond(OK.replace(b"hello", b"one!!"))
+    assert up.take().startswith(b"GET /2 ")
+    assert agent.reading
+    connect.respond(OK.replace(b"hello", b"two!!"))
+    connect.respond(OK.replace(b"hello", b"three"))
+    assert agent.take() == (OK.replace(b"hello", b"one!!") + OK.replace(b"hello", b"two!!")
+                            + OK.replace(b"hello", b"three"))
+
+
+def test_upstream_write_buffer_full_pauses_the_agent_and_agent_full_pauses_upstream():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    connect.protocol.pause_writing()
+    assert not agent.reading
+    connect.protocol.resume_writing()
+    assert agent.reading
+    proxy.pause_writing()
+    assert not up.reading
+    proxy.resume_writing()
+    assert up.reading
+
+
+def test_body_beyond_max_pending_bytes_while_connecting_pauses_the_agent():
+    rig = Rig(max_pending_bytes=4096)
+    proxy, agent = rig.agent()
+    proxy.data_received(b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n"
+                        + b"a" * 5000)
+    assert not agent.reading  # nowhere to send it yet: stop reading
+    up = rig.loop.connects[0].accept()
+    assert agent.reading and up.take().endswith(b"a" * 5000)
+
+
+def test_idle_pool_is_bounded_by_pool_size():
+    rig = Rig(pool_size=1)
+    (p1, _), (p2, _) = rig.agent(), rig.agent()
+    p1.data_received(GET)
+    p2.data_received(GET)  # in flight together: two upstream connections
+    c1, c2 = rig.loop.connects
+    up1, up2 = c1.accept(), c2.accept()
+    c1.respond(OK)
+    c2.respond(OK)
+    assert not up1.closed and up2.closed  # one idle connection kept, the other closed
+    p2.data_received(GET)
+    assert len(rig.loop.connects) == 2 and up1.take().startswith(b"GET ")
+
+
+def test_http10_agent_gets_an_unchunked_answer_and_a_close():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(b"GET /old HTTP/1.0\r\n\r\n")
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    assert up.take().startswith(b"GET /old HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n")
+    connect.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+                    b"0\r\n\r\n")
+    assert agent.take() == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc"
+    assert agent.closed and not up.closed  # the upstream connection is still good
+
+
+def test_agent_that_half_closes_still_gets_its_answer():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    assert proxy.eof_received() is True
+    connect = rig.loop.connects[0]
+    connect.accept()
+    connect.respond(OK)
+    assert agent.take() == OK and agent.closed
+
+
+# --- bad input ---------------------------------------------------------------------
+
+
+def test_garbage_from_the_agent_gets_400_and_the_connection_closes():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(b"\x16\x03\x01 this is TLS, not HTTP\r\n\r\n")
+    assert agent.take().startswith(b"HTTP/1.1 400 ")
+    assert agent.closed
+    assert rig.loop.connects == []
+    assert rig.stats.outcomes["bad_request"] == 1
+
+
+@pytest.mark.parametrize("pieces", [1, 200])
+def test_request_head_larger_than_max_header_bytes_gets_431(pieces):
+    rig = Rig(max_header_bytes=4096)
+    proxy, agent = rig.agent()
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n"
+    step = len(head) // pieces + 1
+    for i in range(0, len(head), step):
+        if agent.closed:
+            break
+        proxy.data_received(head[i:i + step])
+    assert agent.take().startswith(b"HTTP/1.1 431 ")
+    assert agent.closed
+    assert rig.loop.connects == []
+
+
+def test_head_limit_counts_heads_not_pipelined_bodies():
+    rig = Rig(max_header_bytes=4096)
+    proxy, agent = rig.agent()
+    body = b"b" * 10000
+    proxy.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n" + body
+                        + b"GET /next HTTP/1.1\r\nHo")
+    proxy.data_received(b"st: x\r\n\r\n")
+    assert not agent.closed and agent.take() == b""
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
+    b"SMTP ready\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n",
+])
+def test_malformed_or_oversized_upstream_response_gets_502_and_counts(response):
+    rig = Rig(max_header_bytes=4096)
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    connect.respond(response)
+    assert agent.take().startswith(b"HTTP/1.1 502 ")
+    assert not agent.closed  # the agent's connection is not at fault
+    assert up.closed
+    assert rig.stats.failures == {("10.0.0.1:8080", "malformed"): 1}
+    assert rig.breaker().failures_in_window(rig.loop.now) == 1
+
+
+# --- timeouts, failures, breaker -----------------------------------------------------
+
+
+def test_request_timeout_answers_504_counts_a_failure_and_closes_upstream():
+    rig = Rig(request_timeout_s=10.0)
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    [timer] = rig.loop.armed()  # the connect deadline is gone; the request's remains
+    assert timer.when == rig.loop.now + 10.0
+    rig.loop.now += 10.0
+    timer.fire()
+    assert agent.take().startswith(b"HTTP/1.1 504 ")
+    assert up.closed and not agent.closed
+    assert rig.stats.failures == {("10.0.0.1:8080", "timeout"): 1}
+    assert rig.stats.outcomes["failed"] == 1 and rig.stats.active == 0
+    assert rig.breaker().failures_in_window(rig.loop.now) == 1
+
+
+def test_one_timer_per_connection_follows_the_request_in_flight():
+    rig = Rig(request_timeout_s=10.0)
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    connect.respond(OK)
+    rig.loop.now += 4.0
+    proxy.data_received(GET)  # answered in time, the first request's timer stays armed
+    [timer] = rig.loop.armed()
+    rig.loop.now = timer.when
+    timer.fire()  # the second request has 4 s left: no 504, re-armed for its deadline
+    assert agent.take() == OK
+    [timer] = rig.loop.armed()
+    assert timer.when == rig.loop.now + 4.0
+    connect.respond(OK)
+    rig.loop.now = timer.when
+    timer.fire()  # nothing in flight: the timer lapses
+    assert agent.take() == OK and rig.loop.armed() == []
+    assert rig.stats.failures == {} and rig.stats.outcomes["ok"] == 2
+    proxy.connection_lost(None)
+
+
+def test_timeout_after_the_answer_began_cuts_the_agent_connection():
+    rig = Rig(request_timeout_s=1.0)
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    connect.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nslow...")
+    assert agent.take().endswith(b"slow...")
+    [timer] = rig.loop.armed()
+    rig.loop.now = timer.when
+    timer.fire()
+    assert agent.closed and agent.take() == b""  # no 504 glued to half an answer
+    assert rig.stats.failures == {("10.0.0.1:8080", "timeout"): 1}
+
+
+def test_failure_status_is_passed_unchanged_and_counted_by_the_breaker():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    answer = b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\nX-Why: load\r\n\r\nbusy"
+    connect.respond(answer)
+    assert agent.take() == answer
+    assert rig.stats.failures == {("10.0.0.1:8080", "status"): 1}
+    assert rig.stats.outcomes["failed"] == 1
+
+
+def test_refused_gets_502_and_connect_timeout_504():
+    rig = Rig(retry=RetrySettings(attempts=0))
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    rig.loop.connects[0].refuse()
+    assert agent.take().startswith(b"HTTP/1.1 502 ")
+    proxy.data_received(GET)
+    connect_timer = min(rig.loop.armed(), key=lambda t: t.when)
+    connect_timer.fire()
+    assert agent.take().startswith(b"HTTP/1.1 504 ")
+    assert rig.stats.failures == {("10.0.0.1:8080", "refused"): 1,
+                                  ("10.0.0.1:8080", "connect_timeout"): 1}
+    for timer in rig.loop.armed():  # what is left lapses: no second answer, no failure
+        rig.loop.now = timer.when
+        timer.fire()
+    assert agent.take() == b"" and rig.stats.outcomes["failed"] == 2
+
+
+def test_open_breaker_answers_503_at_once_naming_the_breaker():
+    rig = Rig(breaker=BreakerSettings(failures=1, open_s=2.5))
+    rig.breaker().record(False, rig.loop.now, "test")
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    answer = agent.take()
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert b"X-Agentvisor-Breaker: Hub\r\n" in answer
+    assert b"Retry-After: 3\r\n" in answer
+    assert rig.loop.connects == [] and rig.loop.armed() == []
+    assert rig.stats.outcomes["rejected"] == 1
+    proxy.data_received(GET)  # the agent's connection stays usable
+    assert agent.take().startswith(b"HTTP/1.1 503 ")
+
+
+def test_fallback_last_good_serves_the_last_2xx_of_the_same_get():
+    rig = Rig(breaker=BreakerSettings(failures=1), fallback=Fallback(FallbackKind.LAST_GOOD))
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    connect.respond(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n7\r\n{\"a\":1}\r\n0\r\n\r\n")
+    agent.take()
+    rig.breaker().record(False, rig.loop.now, "test")
+    proxy.data_received(GET)
+    fallback = agent.take()
+    assert fallback == (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 7\r\nX-Agentvisor-Fallback: last_good\r\n\r\n"
+                        b"{\"a\":1}")
+    proxy.data_received(GET.replace(b"/status", b"/never-seen"))
+    assert agent.take().startswith(b"HTTP/1.1 503 ")
+    assert rig.stats.outcomes["fallback"] == 1 and rig.stats.outcomes["rejected"] == 1
+
+
+def test_fallback_static():
+    rig = Rig(breaker=BreakerSettings(failures=1),
+              fallback=Fallback(FallbackKind.STATIC, 200, b'{"status":"degraded"}'))
+    rig.breaker().record(False, rig.loop.now, "test")
+    proxy, agent = rig.agent()
+    proxy.data_received(b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc" + GET)
+    answer = agent.take()
+    one = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 21\r\n"
+           b"X-Agentvisor-Fallback: static\r\n\r\n{\"status\":\"degraded\"}")
+    assert answer == one + one
+    assert rig.stats.outcomes["fallback"] == 2
+
+
+# --- retries -----------------------------------------------------------------------
+
+
+def two_endpoints(**kw) -> Rig:
+    return Rig(endpoints=(("10.0.0.1", 8080), ("10.0.0.2", 8080)), **kw)
+
+
+def test_get_refused_by_first_endpoint_is_retried_on_the_next():
+    rig = two_endpoints(breaker=BreakerSettings(failures=1))
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    rig.loop.connects[0].refuse()  # trips endpoint 1's breaker (failures=1)
+    second = rig.loop.connects[1]
+    assert second.host == "10.0.0.2"
+    up = second.accept()
+    assert b"Host: 10.0.0.2:8080\r\n" in up.take()
+    second.respond(OK)
+    assert agent.take() == OK
+    assert rig.stats.retries == 1 and rig.stats.outcomes["ok"] == 1
+    assert rig.breaker(0).state_at(rig.loop.now) is BreakerState.OPEN
+
+
+def test_post_is_not_retried():
+    rig = two_endpoints()
+    proxy, agent = rig.agent()
+    proxy.data_received(b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+    rig.loop.connects[0].refuse()
+    assert len(rig.loop.connects) == 1
+    assert agent.take().startswith(b"HTTP/1.1 502 ")
+    assert rig.stats.retries == 0
+
+
+def test_retry_denied_by_an_empty_budget_is_counted():
+    rig = two_endpoints(retry=RetrySettings(attempts=1, budget_ratio=0.0, min_per_s=0.0))
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    rig.loop.connects[0].refuse()
+    assert agent.take().startswith(b"HTTP/1.1 502 ")
+    assert rig.stats.retries_denied == 1 and len(rig.loop.connects) == 1
+
+
+def test_stale_pooled_connection_is_replaced_without_a_breaker_failure():
+    rig = Rig(breaker=BreakerSettings(failures=1))
+    proxy, agent = rig.agent()
+    body = b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+    proxy.data_received(body)
+    first = rig.loop.connects[0]
+    first.accept()
+    first.respond(OK)
+    agent.take()
+    proxy.data_received(body)  # goes out on the pooled connection ...
+    first.lost()  # ... which the upstream had closed
+    fresh = rig.loop.connects[1]
+    up = fresh.accept()
+    assert up.take().endswith(b"\r\n\r\nhi")
+    fresh.respond(OK)
+    assert agent.take() == OK
+    assert rig.breaker().state_at(rig.loop.now) is BreakerState.CLOSED
+    assert rig.stats.failures == {}
+
+
+def test_pooled_connection_closed_while_idle_is_not_reused():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    first = rig.loop.connects[0]
+    first.accept()
+    first.respond(OK)
+    first.lost()  # idle in the pool when the upstream closed it
+    proxy.data_received(GET)
+    assert len(rig.loop.connects) == 2
+
+
+def test_agent_leaving_mid_exchange_releases_the_probe_and_closes_upstream():
+    rig = Rig(breaker=BreakerSettings(failures=1, open_s=1.0, probes=1))
+    rig.breaker().record(False, rig.loop.now, "test")
+    rig.loop.now += 1.0  # half-open: one probe may pass
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    up = rig.loop.connects[0].accept()
+    proxy.connection_lost(None)
+    assert up.closed
+    assert rig.stats.active == 0 and rig.loop.armed() == []  # its timer went with it
+    # The probe slot is free again for the next caller.
+    assert rig.breaker().allow(rig.loop.now)
+
+
+# --- forward proxy -----------------------------------------------------------------
+
+
+def test_forward_proxy_routes_absolute_form_and_rewrites_to_origin_form():
+    rig = Rig()
+    seen = []
+
+    def route(host, port):
+        seen.append((host, port))
+        return rig.upstream
+
+    proxy, agent = rig.agent(forward_route=route)
+    proxy.data_received(b"GET http://hub.lan:9000/metrics?x=1 HTTP/1.1\r\nHost: hub.lan:9000"
+                        b"\r\nProxy-Connection: keep-alive\r\n\r\n")
+    assert seen == [(b"hub.lan", 9000)]
+    up = rig.loop.connects[0].accept()
+    assert up.take() == b"GET /metrics?x=1 HTTP/1.1\r\nHost: hub.lan:9000\r\n\r\n"
+
+
+def test_forward_proxy_without_a_route_answers_502_and_keeps_the_connection():
+    rig = Rig()
+    unrouted = []
+    proxy = HttpProxy(lambda host, port: None, forward=True, loop=rig.loop,
+                      on_unrouted=lambda host, port: unrouted.append((host, port)))
+    agent = FakeTransport(proxy)
+    proxy.connection_made(agent)
+    proxy.data_received(b"GET http://nowhere:81/ HTTP/1.1\r\nHost: nowhere:81\r\n\r\n")
+    assert agent.take().startswith(b"HTTP/1.1 502 ")
+    assert unrouted == [(b"nowhere", 81)] and not agent.closed
