@@ -212,6 +212,10 @@ class Agent:
             )
         except process.SpawnError as exc:
             log.error("%s: %s", self.name, exc)
+            if exc.permanent:
+                self.last_exit = "not started"
+                self._transition(Event.EXIT_FATAL, str(exc))
+                return Event.EXIT_FATAL, 0.0
             return self._decide(started, failed=True, description=str(exc))
         self._run = _Run(proc, started)
         self.reason = ""

@@ -112,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _runtime_dir_arg(p)
 
+    p = sub.add_parser("secrets", help="sealed secrets: make a host key, seal a value",
+                       description="Sealed secrets are encrypted files (AES-256-GCM with a "
+                       "host key) safe to commit beside the config; the supervisor unseals "
+                       "them into its tmpfs store at start (secrets.sealed_dir, "
+                       "secrets.key_file). Where systemd-creds exists, --systemd writes a "
+                       "credential for LoadCredentialEncrypted= instead.")
+    ssub = p.add_subparsers(dest="secrets_command", metavar="ACTION", required=True)
+    k = ssub.add_parser("keygen", help="create a host key (32 random bytes, mode 0400)")
+    k.add_argument("--key", type=Path, required=True, metavar="FILE")
+    s = ssub.add_parser("seal", help="read a value on stdin, write NAME.sealed",
+                        description="Reads the value on stdin (never on the command line, "
+                        "where ps would show it); one trailing newline is dropped.")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--key", type=Path, metavar="FILE", help="the host key (not with --systemd)")
+    s.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                   help="folder for NAME.sealed (default: here)")
+    s.add_argument("--systemd", action="store_true",
+                   help="write NAME.cred with systemd-creds encrypt instead")
+
     for name, text in (("reload", "re-read the config and apply only what changed"),
                        ("rollback", "return to the config in force before the last reload")):
         p = sub.add_parser(name, help=text, description=text + "; an invalid config changes "
@@ -357,6 +376,38 @@ def _follow(path: Path, f, out) -> int:
             f = open(path, "rb")
             continue
         time.sleep(0.2)
+
+
+def cmd_secrets(args) -> int:
+    from supervisor import sealed
+
+    try:
+        if args.secrets_command == "keygen":
+            sealed.generate_key(args.key)
+            print(f"wrote {args.key} (mode 0400): keep it out of the repository")
+            return EXIT_OK
+        value = sys.stdin.buffer.read()
+        if value.endswith(b"\n"):
+            value = value[:-1]
+        if not value:
+            print("agentvisor: no value on stdin", file=sys.stderr)
+            return EXIT_USAGE
+        if args.systemd:
+            out = args.out / f"{args.name}.cred"
+            sealed.seal_with_systemd_creds(args.name, value, out)
+        else:
+            if args.key is None:
+                print("agentvisor: --key FILE is needed (or --systemd)", file=sys.stderr)
+                return EXIT_USAGE
+            out = sealed.seal_to_file(args.name, value, sealed.load_key(args.key), args.out)
+        print(f"wrote {out}")
+        return EXIT_OK
+    except sealed.SealError as exc:
+        print(f"agentvisor: {exc}", file=sys.stderr)
+        return EXIT_BAD
+    except OSError as exc:
+        print(f"agentvisor: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def cmd_breakers(args) -> int:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from supervisor import config as cfgmod
-from supervisor import environment, process
+from supervisor import environment, process, secrets
 from supervisor.agent import Agent
 from supervisor.config.model import AgentSpec, HostConfig
 from supervisor.control.server import ControlServer
@@ -55,7 +55,8 @@ class Supervisor:
         self._cgroup_root = resources.cgroup_v2_dir()
         self._warned: set[tuple[str, str]] = set()
         self._lock = asyncio.Lock()  # one reload/rollback/shutdown at a time
-        self._control = ControlServer(self.socket_path, self)
+        self._control = ControlServer(self.socket_path, self,
+                                      allowed_gid=_group_id(config.control_group))
         self.traffic = Traffic(config.runtime_dir)
         self._tasks: list[asyncio.Task] = []
         self._groups_dirty = False
@@ -73,6 +74,13 @@ class Supervisor:
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         for line in process.kill_leftovers(cfg.runtime_dir / GROUPS_FILE):
             log.warning("killed leftovers of a previous supervisor: %s", line)
+        try:
+            unsealed = secrets.unseal_into_store(cfg.secrets)
+            if unsealed:
+                log.info("unsealed %d secrets into %s", len(unsealed), cfg.secrets.dir)
+        except secrets.SecretError as exc:
+            # Agents that need them go FATAL with their own reason; the rest run.
+            log.error("sealed secrets not unsealed: %s", exc)
         await self._control.start()
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
@@ -82,6 +90,7 @@ class Supervisor:
         self._tasks = [
             asyncio.create_task(self._resource_loop(), name="resources"),
             asyncio.create_task(self._groups_loop(), name="groups"),
+            asyncio.create_task(self._secrets_loop(), name="secrets"),
         ]
         if self.notifier.watchdog_interval_s:
             self._tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
@@ -165,6 +174,9 @@ class Supervisor:
     def _agent_changed(self, agent: Agent) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        if agent.spec.secret_files_env and agent.state not in LIVE:
+            # Its secret files live exactly as long as it does.
+            secrets.agent_folder(self.config.runtime_dir, agent.name).remove()
         self._groups_dirty = True
         self._refresh_status()
 
@@ -346,8 +358,67 @@ class Supervisor:
             except OSError as exc:
                 log.warning("cannot record agent process groups in %s: %s", path, exc)
 
+    async def _secrets_loop(self) -> None:
+        """Notice rotated secret files (one stat each per poll) and apply each agent's
+        on_change policy; agents that failed for a missing or unsafe secret are tried
+        again as soon as the file changes."""
+        seen: dict[str, tuple | None] = {}
+        while True:
+            names = secrets.names_in(a.spec for a in self.agents.values())
+            changed = set()
+            for name in names:
+                now = secrets.fingerprint(self.config.secrets, name)
+                if name in seen and seen[name] != now:
+                    changed.add(name)
+                seen[name] = now
+            if changed:
+                log.info("secrets changed: %s", ", ".join(sorted(changed)))
+                await self._apply_rotation(changed)
+            await asyncio.sleep(self.config.secrets.poll_s)
+
+    async def _apply_rotation(self, changed: set[str]) -> None:
+        users = [a for a in self.agents.values()
+                 if secrets.referenced(a.spec) & changed and a.wants_running
+                 or (a.state is State.FATAL and a.last_exit == "not started"
+                     and secrets.referenced(a.spec) & changed)]
+        # One at a time, each only once the previous is ready again: a bad new secret
+        # takes down one agent, not the fleet.
+        for agent in users:
+            policy = agent.spec.on_secret_change
+            if agent.state is State.FATAL:
+                agent.start()
+            elif policy == "ignore":
+                continue
+            elif policy.startswith("signal:") and agent.pid:
+                if agent.spec.secret_files_env:  # rewrite its files before it re-reads them
+                    self._env_for(agent.spec)
+                sig = getattr(signal, "SIG" + policy.split(":", 1)[1], signal.SIGHUP)
+                log.info("%s: secret changed; sending %s", agent.name, sig.name)
+                os.kill(agent.pid, sig)
+                continue
+            else:
+                log.info("%s: secret changed; restarting it", agent.name)
+                await agent.stop()
+                agent.start()
+            await agent.wait_for(lambda a: a.state is State.RUNNING
+                                 or (a.state in (State.FATAL, State.EXITED)),
+                                 agent.spec.health.start_timeout_s)
+
     async def _watchdog_loop(self) -> None:
         # Pinged from the event loop itself: if the loop wedges, systemd restarts us.
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(self.notifier.watchdog_interval_s)
+
+
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        log.warning("control.group %r does not exist: only root and this user may use "
+                    "the control socket", name)
+        return None

@@ -15,6 +15,7 @@ from typing import Mapping
 from supervisor import secrets
 from supervisor.config import placeholders
 from supervisor.config.model import AgentSpec, HostConfig
+from supervisor import process
 from supervisor.process import SpawnError
 from supervisor.systemd import child_env
 from supervisor.traffic import Traffic
@@ -36,18 +37,27 @@ def agent_environment(host: HostConfig, spec: AgentSpec, base: Mapping[str, str]
     env["AGENTVISOR_AGENT"] = spec.name
     if spec.config:
         env["AGENTVISOR_AGENT_CONFIG"] = json.dumps(dict(spec.config), sort_keys=True)
-    values: dict[str, str] = {}
+    try:
+        values = {name: secrets.read_secret(host.secrets, name)
+                  for name in sorted(secrets.referenced(spec))}
+        if spec.secret_files_env:
+            env[spec.secret_files_env] = str(_write_secret_folder(host, spec, values))
+    except secrets.SecretError as exc:
+        raise SpawnError(str(exc), permanent=True) from None
     for key, template in spec.env.items():
         for kind, name in placeholders.find(template):
-            ref = f"{kind}:{name}" if kind else name
-            if ref in values:
-                continue
             if kind == "upstream":
-                values[ref] = traffic.upstream_address(host, name)
-            elif kind is None:
-                try:
-                    values[ref] = secrets.read_secret(host.secrets, name)
-                except secrets.SecretError as exc:
-                    raise SpawnError(str(exc)) from None
+                values.setdefault(f"upstream:{name}", traffic.upstream_address(host, name))
         env[key] = placeholders.expand(template, values)
     return env
+
+
+def _write_secret_folder(host: HostConfig, spec: AgentSpec, values: dict[str, str]):
+    """The agent's own folder of secret files (only those it references)."""
+    folder = secrets.agent_folder(host.runtime_dir, spec.name)
+    if host.secrets.require_memory_fs:
+        secrets.check_memory_fs(host.runtime_dir)
+    who = process.identity(spec.user) if spec.user else None
+    uid, gid = (who.uid, who.gid) if who else (os.geteuid(), os.getegid())
+    folder.write(values, uid, gid)
+    return folder.path

@@ -69,7 +69,14 @@ def identity(user: str) -> Identity:
 
 
 class SpawnError(Exception):
-    """The agent could not be started (missing interpreter, unwritable log, ...)."""
+    """The agent could not be started (missing interpreter, unwritable log, ...).
+
+    `permanent`: trying again cannot help until something outside changes (a missing
+    or unsafe secret file): the agent goes FATAL at once instead of burning retries."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 async def spawn(

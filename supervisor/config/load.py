@@ -202,7 +202,11 @@ def _build(data: Mapping[str, Any], source: Path, paths: _Paths,
             dir=_under(paths.folder, secrets.get("dir")),
             require_memory_fs=secrets.get("require_memory_fs", True),
             names=tuple(secrets.get("names", ())),
+            poll_s=secrets.get("poll_s", 1.0),
+            sealed_dir=_under(paths.folder, secrets.get("sealed_dir")),
+            key_file=_under(paths.folder, secrets.get("key_file")),
         ),
+        control_group=data.get("control", {}).get("group"),
         resource_interval_s=data.get("resource_interval_s", DEFAULT_RESOURCE_INTERVAL_S),
     )
 
@@ -212,6 +216,7 @@ def _agent(entry: validate.Entry, inherited: _Globals) -> AgentSpec:
     name = entry.name
     assert name is not None, "the schema requires a name in pc2_services"
     args = tuple(fields.get("args", ()))
+    own_secrets = fields.get("secrets", {})
     intercept = fields.get("intercept", {})
     if isinstance(intercept, str):  # `intercept: proxy` is short for {mode: proxy}
         intercept = {"mode": intercept}
@@ -241,6 +246,9 @@ def _agent(entry: validate.Entry, inherited: _Globals) -> AgentSpec:
         intercept=Intercept(intercept.get("mode", Intercept.ENDPOINT.value)),
         no_proxy=tuple(intercept.get("no_proxy", ())),
         user=str(fields["user"]) if "user" in fields else None,
+        secret_files=tuple(own_secrets.get("files", ())),
+        secret_files_env=own_secrets.get("files_env"),
+        on_secret_change=own_secrets.get("on_change", "restart"),
     )
 
 

@@ -119,6 +119,10 @@ class SecretsConfig:
     dir: Path | None = None  # used when $CREDENTIALS_DIRECTORY is not set
     require_memory_fs: bool = True
     names: tuple[str, ...] = ()  # declared secret names; a file of that name holds each
+    # Secret files are stat()ed this often to notice rotation: one syscall per secret.
+    poll_s: float = 1.0
+    sealed_dir: Path | None = None  # NAME.sealed files, unsealed into dir at start
+    key_file: Path | None = None  # the host key that unseals them
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,9 @@ class AgentSpec:
     intercept: Intercept = Intercept.ENDPOINT
     no_proxy: tuple[str, ...] = ()  # with PROXY: destinations that bypass the sidecar
     user: str | None = None  # run as this user (name or uid); TRANSPARENT needs one
+    secret_files: tuple[str, ...] = ()  # secrets it reads as files (beyond ${NAME})
+    secret_files_env: str | None = None  # env var naming its folder of secret files
+    on_secret_change: str = "restart"  # restart | ignore | signal:NAME
     # Set by the supervisor only (never from YAML): descriptors the child inherits, as
     # the sidecar inherits its listening sockets.
     pass_fds: tuple[int, ...] = ()
@@ -163,6 +170,7 @@ class HostConfig:
     sidecar: SidecarSettings = field(default_factory=SidecarSettings)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     resource_interval_s: float = DEFAULT_RESOURCE_INTERVAL_S
+    control_group: str | None = None  # may use the control socket besides root/our user
     # The file's own `upstreams:` and `sidecar:` blocks, as validated: what the sidecar
     # is given to read (it parses them with the same parser).
     traffic_source: Mapping[str, Any] = field(default_factory=dict)

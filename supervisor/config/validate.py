@@ -268,6 +268,13 @@ def placeholder_problems(source: Source, entries: list[Entry]) -> list[Problem]:
                 message = _placeholder_problem(kind, name, secrets, upstreams)
                 if message:
                     problems.append(source.problem(path + (var,), agent, message))
+    for entry in entries:
+        files = _get(entry.fields, "secrets", "files")
+        for i, name in enumerate(files if isinstance(files, list) else ()):
+            if name not in secrets:
+                problems.append(source.problem(
+                    entry.path + ("secrets", "files", i), entry.name,
+                    f"{name!r} is not in secrets.names ({', '.join(sorted(secrets)) or 'none declared'})"))
     return problems
 
 

@@ -75,10 +75,11 @@ class ControlServer:
         except OSError:
             pass
 
-    def _allowed(self, uid: int, gid: int) -> bool:
-        return uid in (0, os.geteuid()) or (
-            self._allowed_gid is not None and gid == self._allowed_gid
-        )
+    def _allowed(self, pid: int, uid: int, gid: int) -> bool:
+        if uid in (0, os.geteuid()):
+            return True
+        wanted = self._allowed_gid
+        return wanted is not None and (gid == wanted or wanted in _supplementary_groups(pid))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -89,7 +90,7 @@ class ControlServer:
             except (ValueError, asyncio.LimitOverrunError, asyncio.TimeoutError):
                 line = b""
             pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
-            if not self._allowed(uid, gid):
+            if not self._allowed(pid, uid, gid):
                 log.warning("refused control connection from uid %d pid %d", uid, pid)
                 reply = {"ok": False, "error": "permission denied"}
             else:
@@ -109,6 +110,17 @@ class ControlServer:
         except ValueError:
             return {"ok": False, "error": "malformed request"}
         return await commands.dispatch(self._supervisor, request)
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    # SO_PEERCRED carries the primary gid only; membership is usually supplementary.
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
 
 
 def _answers(path: Path) -> bool:
