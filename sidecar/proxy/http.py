@@ -276,6 +276,8 @@ class HttpProxy(asyncio.Protocol):
         # exchanges, one at a time, in order
         "_current", "_queue", "_queued_bytes", "_conn", "_wire", "_wire_bytes",
         "_reply", "_advancing",
+        # between exchanges
+        "_held",
     )
 
     def __init__(self, route: Callable[[bytes | None, int | None], Upstream | None], *,
@@ -330,6 +332,13 @@ class HttpProxy(asyncio.Protocol):
         self._reply: list[bytes] = []  # bytes for the agent, not written yet
         self._advancing = False
 
+        # Connection affinity: the upstream connection of the last exchange stays with
+        # this agent connection, idle, for its next request to the same endpoint, and
+        # goes to the pool only when the agent leaves (or goes elsewhere). Through the
+        # pool instead, every agent beyond pool_size churned one upstream connection per
+        # request, and the pool's checkout and checkin cost every request.
+        self._held: _UpstreamConnection | None = None
+
     # --- the agent's transport -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -370,6 +379,7 @@ class HttpProxy(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self._current is None and not self._queue:
+            self._release_held()  # now: the next agent may want it before we are gone
             return False  # nothing owed: close
         self._eof = True  # a client that shuts down its sending side still reads
         return True
@@ -377,6 +387,7 @@ class HttpProxy(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._queue.clear()
+        self._release_held()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -542,7 +553,14 @@ class HttpProxy(asyncio.Protocol):
         req.endpoint = ep
         req.admitted = True
         state = req.state
-        conn = None if fresh else state.checkout(ep)
+        conn = self._held
+        if conn is not None:
+            self._held = None
+            if fresh or conn.endpoint is not ep or conn.dead or conn.transport.is_closing():
+                conn.state.checkin(conn)  # closes it if dead
+                conn = None
+        if conn is None and not fresh:
+            conn = state.checkout(ep)
         if conn is None:
             conn = _UpstreamConnection(self._loop, state, ep)
             conn.open()
@@ -682,10 +700,15 @@ class HttpProxy(asyncio.Protocol):
         req = self._current
         self._conn = None
         conn.proxy = None
-        if reusable and req.complete:
+        if not (reusable and req.complete):
+            conn.close()
+        elif close_agent or self._transport is None:
             req.state.checkin(conn)
         else:
-            conn.close()
+            if conn.reading_paused:  # idle, it must read, to see the upstream close
+                conn.reading_paused = False
+                conn.transport.resume_reading()
+            self._held = conn
         if req.failed_status:
             self._failure(req, FailureKind.STATUS)
             outcome = Outcome.FAILED
@@ -719,9 +742,11 @@ class HttpProxy(asyncio.Protocol):
             _reset(transport)
             return
         if close or not req.keep_alive:
+            self._release_held()
             transport.close()
             return
         if self._owed is not None:
+            self._release_held()
             transport.write(self._owed)
             transport.close()
             return
@@ -733,6 +758,7 @@ class HttpProxy(asyncio.Protocol):
             while self._current is None and queue and self._transport is not None:
                 self._start(queue.popleft())
             if self._eof and self._current is None and self._transport is not None:
+                self._release_held()
                 self._transport.close()
                 return
             if self._paused & _BACKLOG:
@@ -766,6 +792,12 @@ class HttpProxy(asyncio.Protocol):
         stats.active -= 1
         stats.done(outcome, self._loop.time() - req.started)
 
+    def _release_held(self) -> None:
+        conn = self._held
+        if conn is not None:
+            self._held = None
+            conn.state.checkin(conn)
+
     def _drop_conn(self) -> None:
         conn = self._conn
         if conn is not None:
@@ -796,6 +828,7 @@ class HttpProxy(asyncio.Protocol):
             if req is not None:
                 self._owed = reply  # after the answer the agent is waiting for
                 return
+        self._release_held()
         transport.write(reply)
         transport.close()
 
@@ -825,6 +858,7 @@ class HttpProxy(asyncio.Protocol):
             transport.close()
             return
         self._transport = None  # the relay owns it now
+        self._release_held()
         adopt(transport, TcpRelay(upstream, greeting=_CONNECT_OK, refusal=_tunnel_refusal),
               rest)
 

@@ -185,11 +185,41 @@ def test_keep_alive_on_both_sides_one_upstream_connection_for_many_requests(net)
     for i in range(20):
         status, _, body, _ = request(port, f"/n{i}", conn=agent)
         assert (status, body) == (200, b"ok /n%d" % i)
-    for i in range(5):  # new agent connections share the pooled upstream connection
+    # The agent keeps its upstream connection; agents that come and go one after the
+    # other share a second one, handed back to the pool as each leaves.
+    for i in range(5):
         assert request(port, "/again")[0] == 200
     agent.close()
-    assert origin.connections == 1
+    assert origin.connections == 2
     assert upstream.stats.outcomes["ok"] == 25
+
+
+def test_concurrent_agents_keep_their_connections_without_churn_beyond_pool_size(net):
+    origin = net.origin("ok")
+    upstream = net.upstream(origin.port, pool_size=1)
+    port = net.proxy(upstream)
+    agents, rounds = 4, 50
+    start = threading.Barrier(agents)
+
+    def agent(n: int) -> list:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        start.wait(5)  # all four asking at once
+        try:
+            return [request(port, f"/a{n}/{i}", conn=conn)[0] for i in range(rounds)]
+        finally:
+            conn.close()
+
+    results: list = [None] * agents
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, agent(n)))
+               for n in range(agents)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [[200] * rounds] * agents
+    # Each agent's requests ran on its own upstream connection: with a pool of one,
+    # going through the pool per request would have opened a connection for most.
+    assert origin.connections == agents
 
 
 def test_large_bodies_stream_both_ways(net):

@@ -331,18 +331,65 @@ def test_body_beyond_max_pending_bytes_while_connecting_pauses_the_agent():
     assert agent.reading and up.take().endswith(b"a" * 5000)
 
 
-def test_idle_pool_is_bounded_by_pool_size():
+def test_each_agent_keeps_its_upstream_connection_beyond_pool_size():
     rig = Rig(pool_size=1)
-    (p1, _), (p2, _) = rig.agent(), rig.agent()
+    (p1, a1), (p2, a2) = rig.agent(), rig.agent()
     p1.data_received(GET)
     p2.data_received(GET)  # in flight together: two upstream connections
     c1, c2 = rig.loop.connects
     up1, up2 = c1.accept(), c2.accept()
+    for _ in range(5):  # answered in turn, each agent's next request on its own connection
+        up1.take(), up2.take()
+        c1.respond(OK)
+        c2.respond(OK)
+        p1.data_received(GET)
+        p2.data_received(GET)
+        assert up1.take().startswith(b"GET ") and up2.take().startswith(b"GET ")
+        assert not up1.closed and not up2.closed
     c1.respond(OK)
     c2.respond(OK)
-    assert not up1.closed and up2.closed  # one idle connection kept, the other closed
+    assert a1.take() == a2.take() == OK * 6
+    assert len(rig.loop.connects) == 2 and rig.stats.outcomes["ok"] == 12
+
+
+def test_idle_pool_is_bounded_by_pool_size_when_agents_leave():
+    rig = Rig(pool_size=1)
+    (p1, _), (p2, _) = rig.agent(), rig.agent()
+    p1.data_received(GET)
     p2.data_received(GET)
-    assert len(rig.loop.connects) == 2 and up1.take().startswith(b"GET ")
+    c1, c2 = rig.loop.connects
+    up1, up2 = c1.accept(), c2.accept()
+    c1.respond(OK)
+    c2.respond(OK)
+    p1.connection_lost(None)
+    assert p2.eof_received() is False  # an agent done asking hands its connection back
+    assert not up1.closed and up2.closed  # one idle connection kept, the other closed
+    p3, agent3 = rig.agent()
+    p3.data_received(GET)
+    assert len(rig.loop.connects) == 2 and up1.take().startswith(b"GET /status ")
+    c1.respond(OK)
+    assert agent3.take() == OK
+
+
+def test_agent_going_to_another_endpoint_pools_the_connection_it_held():
+    rig = Rig()
+    other = Upstream(UpstreamPolicy(name="Other", protocol=Protocol.HTTP,
+                                    endpoints=(("10.0.0.9", 80),)))
+    routes = {b"hub.lan": rig.upstream, b"other.lan": other}
+    proxy, agent = rig.agent(forward_route=lambda host, port: routes[host])
+    proxy.data_received(b"GET http://hub.lan/ HTTP/1.1\r\nHost: hub.lan\r\n\r\n")
+    hub = rig.loop.connects[0]
+    up = hub.accept()
+    hub.respond(OK)
+    up.take()
+    proxy.data_received(b"GET http://other.lan/ HTTP/1.1\r\nHost: other.lan\r\n\r\n")
+    assert rig.loop.connects[1].host == "10.0.0.9"
+    # The hub connection is idle in the pool now: another agent reuses it.
+    p2, a2 = rig.agent()
+    p2.data_received(GET)
+    assert len(rig.loop.connects) == 2 and up.take().startswith(b"GET /status ")
+    hub.respond(OK)
+    assert a2.take() == OK
 
 
 def test_http10_agent_gets_an_unchunked_answer_and_a_close():
