@@ -40,7 +40,9 @@ bench-deps:
 demo: $(STAMP)
 	config/demo/demo.sh
 
+# The project's own files must hold no plaintext credential (tests plant some on purpose).
 test: $(STAMP) system-deps
+	$(BIN)/agentvisor scan config systemd supervisor sidecar bench README.md
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) bench-deps

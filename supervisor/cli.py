@@ -131,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--systemd", action="store_true",
                    help="write NAME.cred with systemd-creds encrypt instead")
 
+    p = sub.add_parser("scan", help="find plaintext credentials in files, processes, logs",
+                       description="Audit for plaintext credentials: the patterns operators "
+                       "grep for (NATS_/REDIS_/API_KEY/TOKEN assignments, scheme://user:pass@ "
+                       "URLs, nats_user/nats_password keys), high-entropy values under "
+                       "secret-looking keys, and known secret values (from --secrets-dir) in "
+                       "command lines, environments and logs. Prints where, never the value. "
+                       "Exit 1 on any finding: usable as a CI gate.")
+    from supervisor import scan
+
+    scan.add_arguments(p)
+
     for name, text in (("reload", "re-read the config and apply only what changed"),
                        ("rollback", "return to the config in force before the last reload")):
         p = sub.add_parser(name, help=text, description=text + "; an invalid config changes "
@@ -408,6 +419,12 @@ def cmd_secrets(args) -> int:
     except OSError as exc:
         print(f"agentvisor: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def cmd_scan(args) -> int:
+    from supervisor import scan
+
+    return scan.run(args)
 
 
 def cmd_breakers(args) -> int:
