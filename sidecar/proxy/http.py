@@ -1,10 +1,11 @@
 """The L7 hot path: HTTP/1.1 between unmodified agents and their upstreams.
 
 Owns every HTTP request an agent sends through the sidecar, from the agent's bytes to the
-upstream's answer: keep-alive on both sides (upstream connections pooled per endpoint), a
-per-request timeout, breaker verdicts, safe retries, a fallback while the breaker is open,
-flow control, and the answers to bad input (400, 431, 502, 504). HTTPS through the forward
-proxy is a CONNECT tunnel handed to the L4 relay.
+upstream's answer: keep-alive on both sides (an agent connection keeps the upstream
+connection it last used; the others wait pooled per endpoint), a per-request timeout,
+breaker verdicts, safe retries, a fallback while the breaker is open, flow control, and
+the answers to bad input (400, 431, 502, 504). HTTPS through the forward proxy is a
+CONNECT tunnel handed to the L4 relay.
 
 The one idea: two asyncio Protocols and no tasks per request. `HttpProxy` is one agent
 connection, `_UpstreamConnection` one pooled connection to an endpoint, each with one
@@ -50,12 +51,31 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te
                          b"trailer", b"upgrade", b"proxy-authorization"})
 # Connection tokens that name no header to drop.
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
-# The headers the proxy looks at, by lower-case name; any other is forwarded as it is,
-# after one dict lookup.
-_DROP, _CONNECTION, _HOST, _TRANSFER_ENCODING, _CONTENT_LENGTH = range(5)
+# The headers the proxy looks at, by lower-case name; any other (_PLAIN) is forwarded as
+# it is.
+_DROP, _CONNECTION, _HOST, _TRANSFER_ENCODING, _CONTENT_LENGTH, _PLAIN = range(6)
 _SPECIAL = {name: _DROP for name in _HOP_BY_HOP}
 _SPECIAL.update({b"connection": _CONNECTION, b"host": _HOST,
                  b"transfer-encoding": _TRANSFER_ENCODING, b"content-length": _CONTENT_LENGTH})
+# The same by exact spelling, learnt as names arrive: one dict lookup per header line
+# instead of a lower() and a lookup. Peers use a few spellings each; the bounds keep odd
+# ones from growing it (those take the long way, to the same answer).
+_KIND_BY_SPELLING: dict[bytes, int] = {}
+_SPELLINGS_MAX = 1024
+_SPELLING_MAX_BYTES = 64
+
+
+def _kind_of(name: bytes) -> int:
+    kind = _SPECIAL.get(name.lower(), _PLAIN)
+    if len(name) <= _SPELLING_MAX_BYTES and len(_KIND_BY_SPELLING) < _SPELLINGS_MAX:
+        _KIND_BY_SPELLING[name] = kind
+    return kind
+
+
+# Connection values naming no field, as servers and clients spell them: nothing to drop,
+# known without splitting the value (most responses carry one). Any other spelling takes
+# the long way, to the same result.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
 
 # LAST_GOOD fallback: responses remembered per upstream, and the largest body kept. A
 # fallback is for small, read-mostly answers (status, config, registry lookups).
@@ -421,8 +441,10 @@ class HttpProxy(asyncio.Protocol):
         n = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
         if n > self._max_header_bytes:
             raise _HeadTooLarge
-        kind = _SPECIAL.get(name.lower())
-        if kind is None or kind is _CONTENT_LENGTH:
+        kind = _KIND_BY_SPELLING.get(name)
+        if kind is None:
+            kind = _kind_of(name)
+        if kind is _PLAIN or kind is _CONTENT_LENGTH:
             self._fields += (name, b": ", value, b"\r\n")
         elif kind is _HOST:
             self._host = value
@@ -465,7 +487,7 @@ class HttpProxy(asyncio.Protocol):
             host_line = b"Host: %s\r\n" % (self._host or authority)
         fields = self._fields
         connection = self._connection
-        if connection is not None:
+        if connection is not None and connection not in _PLAIN_CONNECTION:
             _drop_listed(fields, connection)
         fields.append(b"\r\n")
         keep_alive = parser.should_keep_alive()
@@ -1067,8 +1089,10 @@ class _UpstreamConnection(asyncio.Protocol):
         n = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
         if n > self.max_header_bytes:
             raise _HeadTooLarge
-        kind = _SPECIAL.get(name.lower())
-        if kind is None or kind is _HOST:
+        kind = _KIND_BY_SPELLING.get(name)
+        if kind is None:
+            kind = _kind_of(name)
+        if kind is _PLAIN or kind is _HOST:
             self.fields += (name, b": ", value, b"\r\n")
         elif kind is _CONTENT_LENGTH:
             self.length = True
@@ -1089,8 +1113,9 @@ class _UpstreamConnection(asyncio.Protocol):
         fields = self.fields
         reason = self.reason
         te = self.te
-        if self.connection is not None:
-            _drop_listed(fields, self.connection)
+        connection = self.connection
+        if connection is not None and connection not in _PLAIN_CONNECTION:
+            _drop_listed(fields, connection)
         reply = proxy._reply
         if status < 200:
             if status == 101:

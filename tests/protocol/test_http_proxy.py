@@ -222,6 +222,13 @@ def test_hop_by_hop_headers_are_not_forwarded_either_way():
     answer = agent.take()
     assert b"Keep-Alive" not in answer and b"Connection" not in answer
     assert answer.endswith(b"\r\n\r\nok")
+    # Fields a Connection header names go too, however the names are spelt.
+    proxy.data_received(GET)
+    connect.respond(b"HTTP/1.1 200 OK\r\nCONNECTION: Keep-Alive, x-private\r\n"
+                    b"X-Private: 1\r\nX-Public: 2\r\nContent-Length: 2\r\n\r\nok")
+    answer = agent.take()
+    assert b"X-Private" not in answer and b"CONNECTION" not in answer
+    assert b"X-Public: 2\r\n" in answer
 
 
 def test_body_sent_before_the_upstream_is_connected_is_held_and_forwarded():
