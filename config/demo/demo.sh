@@ -38,6 +38,8 @@ while [ "$(date +%s)" -lt "$end" ]; do
   [ -t 1 ] && printf '\033[2J\033[H'
   "$BIN/agentvisor" status
   echo
+  "$BIN/agentvisor" breakers
+  echo
   echo "(ModelManagerAgent crashes now and then; watch it come back. Ctrl-C to stop.)"
   sleep 2
 done

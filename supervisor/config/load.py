@@ -104,8 +104,11 @@ def validate_file(
     paths = _Paths(
         folder=folder,
         project_root=project_root,
-        runtime_dir=runtime_dir or _under(folder, data.get("runtime_dir")) or default_runtime_dir(),
-        logs_dir=logs_dir or _under(folder, data.get("logs", {}).get("dir")) or default_logs_dir(),
+        # Absolute once, here: children run in other working directories.
+        runtime_dir=Path(runtime_dir or _under(folder, data.get("runtime_dir"))
+                         or default_runtime_dir()).absolute(),
+        logs_dir=Path(logs_dir or _under(folder, data.get("logs", {}).get("dir"))
+                      or default_logs_dir()).absolute(),
     )
     return _build(data, path, paths, upstreams, sidecar), problems
 

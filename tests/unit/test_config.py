@@ -615,3 +615,12 @@ def test_transparent_needs_a_user_and_sidecar_is_a_reserved_name(tmp_path):
         f"{path}:3: pc2_services[1].intercept (Scanner): intercept: transparent needs `user:` "
         "(the agent's own uid is how its traffic is redirected)",
     ]
+
+
+def test_relative_directory_overrides_become_absolute(tmp_path, monkeypatch):
+    # `agentvisor run --runtime-dir .demo/run`: the sidecar runs with another cwd.
+    monkeypatch.chdir(tmp_path)
+    config = load(write(tmp_path, "pc2_services: []\n"), check_machine=False,
+                  runtime_dir=Path("rel/run"), logs_dir=Path("rel/logs"))
+    assert config.runtime_dir == tmp_path / "rel/run"
+    assert config.logs_dir == tmp_path / "rel/logs"
