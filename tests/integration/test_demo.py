@@ -9,7 +9,7 @@ from tests.integration.harness import ROOT
 
 def test_the_demo_fleet_comes_up_and_stops_cleanly():
     out = subprocess.run(["config/demo/demo.sh"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "DEMO_SECONDS": "6"})
+                         timeout=120, env={**os.environ, "DEMO_SECONDS": "10"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "DemoPC: ok: 5 running" in out.stdout
     assert "Registry  CLOSED" in out.stdout
