@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from supervisor.control.client import request
+from supervisor.control.client import Unreachable, request
 
 ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.02  # how often wait_until re-checks; the deadline is what bounds a test
@@ -92,10 +92,18 @@ class Fleet:
             env={**os.environ, **(env or {})},
         )
         if wait_socket:
-            wait_until(lambda: (self.runtime_dir / "control.sock").exists()
-                       or self.proc.poll() is not None, 15, "the control socket")
+            # Answering, not merely present: a supervisor killed before leaves its socket.
+            wait_until(lambda: self._answers() or self.proc.poll() is not None, 15,
+                       "the control socket to answer")
             assert self.proc.poll() is None, self.supervisor_log()
         return self.proc
+
+    def _answers(self) -> bool:
+        try:
+            self.status()
+            return True
+        except (Unreachable, OSError):
+            return False
 
     def supervisor_log(self) -> str:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""
