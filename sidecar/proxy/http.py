@@ -1206,13 +1206,7 @@ class _UpstreamConnection(asyncio.Protocol):
         elif req.http10:
             reply.append(_KEEP_ALIVE)
         reply.append(b"\r\n")
-        fields.clear()  # _next_head, inline
-        self.reason = b""
-        self.connection = None
-        self.te = None
-        self.length = False
-        self.head_bytes = 0
-        self.head_raw = 0
+        self._next_head()
         if method == b"HEAD":
             # httptools cannot be told a response has no body, so a HEAD answer with a
             # length would leave the parser waiting for it: this connection ends here.

@@ -338,6 +338,130 @@ def test_body_beyond_max_pending_bytes_while_connecting_pauses_the_agent():
     assert agent.reading and up.take().endswith(b"a" * 5000)
 
 
+# --- the common exchange on a held connection (the inline fast path) ----------------
+
+
+def held(rig, **kw):
+    """An agent whose first exchange is over: it holds its upstream connection."""
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[-1]
+    up = connect.accept()
+    connect.respond(OK)
+    assert agent.take() == OK
+    up.take()
+    return proxy, agent, connect, up
+
+
+def test_held_connection_sends_each_head_with_its_whole_body_in_one_write():
+    rig = Rig()
+    proxy, agent, connect, up = held(rig)
+    proxy.data_received(b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                        b"Connection: keep-alive\r\n\r\nabcde")
+    assert up.writes == [b"POST /m HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n"
+                         b"Content-Length: 5\r\n\r\nabcde"]
+    up.writes.clear()
+    connect.respond(OK)
+    proxy.data_received(GET)
+    assert up.writes == [b"GET /status HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n"
+                         b"User-Agent: legacy\r\n\r\n"]
+    connect.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"3\r\nabc\r\n0\r\n\r\n")
+    assert agent.take() == OK + (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"3\r\nabc\r\n0\r\n\r\n")
+    assert len(rig.loop.connects) == 1 and not up.closed and not agent.closed
+    assert rig.stats.outcomes["ok"] == 3 and rig.stats.active == 0
+
+
+def test_held_connection_body_split_across_reads_streams_as_it_comes():
+    rig = Rig()
+    proxy, agent, connect, up = held(rig)
+    proxy.data_received(b"POST /m HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nabc")
+    assert up.take().endswith(b"\r\n\r\nabc")  # the head does not wait for the rest
+    proxy.data_received(b"def")
+    assert up.take() == b"def"
+    connect.respond(OK)
+    assert agent.take() == OK and rig.stats.outcomes["ok"] == 2
+
+
+def test_held_connection_failure_statuses_open_the_breaker_for_the_next_request():
+    rig = Rig(breaker=BreakerSettings(failures=2))
+    proxy, agent, connect, up = held(rig)
+    busy = b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy"
+    for _ in range(2):
+        proxy.data_received(GET)
+        connect.respond(busy)
+    assert agent.take() == busy * 2
+    up.take()
+    proxy.data_received(GET)
+    assert agent.take().startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert up.take() == b""  # the breaker answered: nothing went upstream
+    assert rig.stats.failures == {("10.0.0.1:8080", "status"): 2}
+    outcomes = rig.stats.outcomes
+    assert (outcomes["ok"], outcomes["failed"], outcomes["rejected"]) == (1, 2, 1)
+    assert rig.stats.active == 0 and not agent.closed
+
+
+def test_held_connection_to_a_farther_endpoint_gives_way_to_the_nearest_that_admits():
+    rig = Rig(endpoints=(("10.0.0.1", 8080), ("10.0.0.2", 8080)))
+    rig.breaker(0).force_open(rig.loop.now)
+    proxy, agent, far, up_far = held(rig)
+    assert (far.host, far.port) == ("10.0.0.2", 8080)
+    rig.breaker(0).force_close(rig.loop.now)
+    proxy.data_received(GET)
+    near = rig.loop.connects[-1]
+    assert near.host == "10.0.0.1"
+    near.accept()
+    near.respond(OK)
+    assert agent.take() == OK and up_far.take() == b"" and not up_far.closed
+    # The farther connection was pooled: another agent sent there reuses it.
+    rig.breaker(0).force_open(rig.loop.now)
+    p2, a2 = rig.agent()
+    p2.data_received(GET)
+    assert len(rig.loop.connects) == 2 and up_far.take().startswith(b"GET /status ")
+
+
+def test_held_connection_request_times_out_and_the_next_gets_a_new_connection():
+    rig = Rig(request_timeout_s=10.0)
+    proxy, agent, connect, up = held(rig)
+    proxy.data_received(GET)
+    rig.loop.now += 10.0
+    [timer] = rig.loop.armed()
+    timer.fire()
+    assert agent.take().startswith(b"HTTP/1.1 504 ") and up.closed
+    proxy.data_received(GET)
+    assert len(rig.loop.connects) == 2
+    assert rig.stats.failures == {("10.0.0.1:8080", "timeout"): 1}
+
+
+def test_held_connection_pipelined_requests_go_upstream_one_at_a_time_in_order():
+    rig = Rig()
+    proxy, agent, connect, up = held(rig)
+    proxy.data_received(b"POST /1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none"
+                        + GET.replace(b"/status", b"/2"))
+    assert up.take() == (b"POST /1 HTTP/1.1\r\nHost: 10.0.0.1:8080\r\n"
+                         b"Content-Length: 3\r\n\r\none")
+    connect.respond(OK.replace(b"hello", b"one!!"))
+    assert up.take().startswith(b"GET /2 ")
+    connect.respond(OK.replace(b"hello", b"two!!"))
+    assert agent.take() == OK.replace(b"hello", b"one!!") + OK.replace(b"hello", b"two!!")
+    assert len(rig.loop.connects) == 1 and rig.stats.outcomes["ok"] == 3
+
+
+def test_held_connection_answer_with_close_ends_both_connections():
+    rig = Rig()
+    proxy, agent, connect, up = held(rig)
+    proxy.data_received(GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    connect.respond(OK)
+    assert agent.take() == OK.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    assert agent.closed and not up.closed  # the upstream connection goes back to the pool
+    proxy2, agent2 = rig.agent()
+    proxy2.data_received(GET)
+    connect.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    assert agent2.take() == OK.replace(b"Content-Type: text/plain\r\n", b"")
+    assert up.closed and not agent2.closed and len(rig.loop.connects) == 1
+
+
 def test_each_agent_keeps_its_upstream_connection_beyond_pool_size():
     rig = Rig(pool_size=1)
     (p1, a1), (p2, a2) = rig.agent(), rig.agent()
