@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
-import struct
 import weakref
 from collections import OrderedDict, deque
 from http import HTTPStatus
@@ -39,7 +37,9 @@ from sidecar.config import (
 )
 from sidecar.metrics import FailureKind, Outcome
 from sidecar.policy.retry import may_retry
-from sidecar.proxy.tcp import TcpRelay, adopt
+# A cut answer ends with RST (tcp.reset): it must fail the agent's read, not end it the
+# way a complete close-delimited answer ends.
+from sidecar.proxy.tcp import TcpRelay, adopt, reset
 from sidecar.upstream import Endpoint, Upstream
 
 log = logging.getLogger(__name__)
@@ -96,11 +96,6 @@ _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 # uvloop's clock and timers have millisecond resolution: a timer may fire a hair before
 # the deadline as loop.time() reads it. Within this slack the deadline counts as reached.
 _TIMER_SLACK_S = 0.002
-
-# SO_LINGER on with 0 s: close() sends RST. A cut answer must fail the agent's read,
-# not end it the way a complete close-delimited answer ends.
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
 
 def _canned(status: int, reason: str, text: str, extra: bytes = b"",
             close: bool = False) -> bytes:
@@ -806,7 +801,7 @@ class HttpProxy(asyncio.Protocol):
         if transport is None:
             return
         if cut:
-            _reset(transport)
+            reset(transport)
             return
         if close or not req.keep_alive:
             self._release_held()
@@ -885,7 +880,7 @@ class HttpProxy(asyncio.Protocol):
             self._abandon(req, Outcome.BAD_REQUEST)
             if req.replied:
                 self._send_reply()
-                _reset(transport)
+                reset(transport)
                 return
             self._reply.clear()
         else:
@@ -1295,16 +1290,6 @@ def _choose_other(upstream: Upstream, failed: Endpoint, now: float) -> Endpoint 
         if ep is not failed and ep.breaker.allow(now):
             return ep
     return failed if failed.breaker.allow(now) else None
-
-
-def _reset(transport: asyncio.Transport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass  # already gone: abort() is all that is left
-    transport.abort()
 
 
 def _tunnel_refusal(reason: str) -> bytes:

@@ -285,7 +285,7 @@ class TcpRelay(asyncio.Protocol):
             agent.write(self._refusal(reason))
             agent.close()
         else:
-            _reset(agent)
+            reset(agent)
 
 
 class _UpstreamSide(asyncio.Protocol):
@@ -320,7 +320,7 @@ class _UpstreamSide(asyncio.Protocol):
             self.agent.resume_reading()
 
 
-def _reset(transport: asyncio.Transport) -> None:
+def reset(transport: asyncio.Transport) -> None:
     """Close with RST: the peer's blocked recv/send fails at once with ECONNRESET."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
