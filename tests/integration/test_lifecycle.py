@@ -1,6 +1,5 @@
 """The supervisor with real agent processes: start order, restarts, FATAL, stop."""
 
-import os
 import signal
 
 import psutil
