@@ -14,6 +14,7 @@ import threading
 import urllib.request
 
 import pytest
+import yaml
 
 from tests.integration.harness import free_port, pid_alive, wait_until
 
@@ -196,3 +197,35 @@ def test_proxy_mode_intercepts_an_unmodified_urllib_agent(fleet, upstream):
     line = next(l for l in text.splitlines()
                 if l.startswith('agentvisor_sidecar_requests_total{outcome="ok",upstream="Hub"}'))
     assert float(line.split()[-1]) >= 1
+
+
+def test_reload_with_a_new_upstream_restarts_only_the_sidecar(fleet, upstream):
+    out, out2 = fleet.dir / "calls.txt", fleet.dir / "calls2.txt"
+    host_config(fleet, upstream.port, {"env_vars": {
+        "TARGET_URL": "http://${upstream:Hub}/status", "RESULTS": str(out), "PERIOD": "0.05"}})
+    fleet.start()
+    first_sidecar = fleet.wait_state("sidecar", "RUNNING")["pid"]
+    caller = fleet.wait_state("Caller", "RUNNING")["pid"]
+    other = Upstream()
+    try:
+        data = yaml.safe_load(fleet.config_path.read_text())
+        data["upstreams"]["Other"] = {"address": f"127.0.0.1:{other.port}", "protocol": "http"}
+        data["pc2_services"].append({
+            "name": "Caller2", "script_path": "agents/caller.py", "restart": {"start_s": 0.2},
+            "env_vars": {"TARGET_URL": "http://${upstream:Other}/x", "RESULTS": str(out2)}})
+        fleet.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        reply = fleet.cli("reload", "--json")
+        assert reply.returncode == 0, reply.stderr
+        summary = json.loads(reply.stdout)
+        assert summary["changed"] == ["sidecar"] and summary["added"] == ["Caller2"]
+        fleet.wait_state("Caller2", "RUNNING")
+        wait_until(lambda: any(l.startswith("ok 200") for l in results(out2)), 10,
+                   "a call to the new upstream")
+        assert other.hits >= 1
+        assert fleet.agent("Caller")["pid"] == caller  # untouched
+        assert fleet.agent("sidecar")["pid"] != first_sidecar
+        before = len(results(out))
+        wait_until(lambda: len(results(out)) > before + 3, 10, "the old agent still calling")
+        assert not any("refused" in l.lower() for l in results(out))
+    finally:
+        other.close()
