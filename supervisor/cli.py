@@ -511,6 +511,13 @@ def render_status(status: dict) -> str:
                           for r in [cols] + rows]
     if any(a.get("required") for a in agents):
         lines.append("\n* required: the host is degraded while it is not RUNNING")
+    upstreams = status.get("upstreams") or {}
+    if upstreams:
+        lines.append("\nupstreams (${upstream:NAME} -> sidecar listener -> endpoints):")
+        width = max(map(len, upstreams))
+        for name, u in upstreams.items():
+            lines.append(f"  {name:<{width}}  {u['listen']:<21}  {u['protocol']:<4}  "
+                         + ", ".join(u["endpoints"]))
     return "\n".join(lines)
 
 

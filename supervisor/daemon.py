@@ -242,6 +242,7 @@ class Supervisor:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self._started_at, 1),
             "agents": agents,
+            "upstreams": self.traffic.listeners(self.config),
         }
 
     def agent(self, name: str) -> Agent:

@@ -121,6 +121,15 @@ class Traffic:
             raise process.SpawnError(f"transparent interception unavailable: "
                                      f"{self.redirect_error}")
 
+    def listeners(self, config: HostConfig) -> dict[str, dict]:
+        """For status: where each upstream is reached locally, and how."""
+        out = {}
+        for name, policy in config.upstreams.items():
+            out[name] = {"listen": self.upstream_address(config, name),
+                         "protocol": policy.protocol.value,
+                         "endpoints": [f"{h}:{p}" for h, p in policy.endpoints]}
+        return out
+
     def proxy_environment(self, spec: AgentSpec) -> dict[str, str]:
         """HTTP_PROXY and friends for an `intercept: proxy` agent (both spellings: curl
         and requests read lower case, some tools only upper case)."""

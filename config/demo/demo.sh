@@ -38,8 +38,8 @@ while [ "$(date +%s)" -lt "$end" ]; do
   [ -t 1 ] && printf '\033[2J\033[H'
   "$BIN/agentvisor" status
   echo
-  "$BIN/agentvisor" breakers
-  echo
+  # Shown once the sidecar answers (it starts first, within a second or so).
+  "$BIN/agentvisor" breakers 2>/dev/null && echo
   echo "(ModelManagerAgent crashes now and then; watch it come back. Ctrl-C to stop.)"
   sleep 2
 done

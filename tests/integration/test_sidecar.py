@@ -119,6 +119,9 @@ def test_sidecar_starts_first_and_agents_reach_upstreams_through_it(fleet, upstr
     assert 'agentvisor_sidecar_requests_total{outcome="ok",upstream="Hub"}' in text
     status = fleet.status()
     assert status["agents"][0]["name"] == "sidecar"
+    listen = status["upstreams"]["Hub"]["listen"]
+    assert target.startswith(f"TARGET_URL=http://{listen}/")
+    assert f"127.0.0.1:{upstream.port}" in fleet.cli("status").stdout
     log = fleet.supervisor_log()
     assert log.index("sidecar: started") < log.index("Caller: started")
     assert sidecar["pid"] != caller["pid"]
