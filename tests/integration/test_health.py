@@ -7,11 +7,11 @@ import socket
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from supervisor.config.model import HealthCheck, ProbeKind
 from supervisor.health import ProbeResult, probe
+from tests.integration.harness import pid_alive, wait_until
 
 
 def run(check: HealthCheck) -> ProbeResult:
@@ -24,19 +24,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_gone(pid: int, deadline_s: float = 5.0) -> bool:
-    """True once `pid` is no longer a live process (gone, or a zombie for init)."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_none_is_always_ok():
@@ -168,8 +155,8 @@ def test_exec_timeout_kills_the_probe_and_what_it_forked(tmp_path: Path):
     assert time.monotonic() - started < 3.0
     assert result == ProbeResult(False, "timed out after 0.3 s")
     grandchild, child = (int(p) for p in pids.read_text().split())
-    assert wait_gone(child), "the probe process survived the timeout"
-    assert wait_gone(grandchild), "what the probe forked survived the timeout"
+    wait_until(lambda: not pid_alive(child), 5, "the probe process to be killed at its timeout")
+    wait_until(lambda: not pid_alive(grandchild), 5, "what the probe forked to be killed")
 
 
 def test_cancelled_exec_probe_kills_its_process(tmp_path: Path):
@@ -190,7 +177,8 @@ def test_cancelled_exec_probe_kills_its_process(tmp_path: Path):
             await task
         return int(pidfile.read_text())
 
-    assert wait_gone(asyncio.run(main()))
+    pid = asyncio.run(main())
+    wait_until(lambda: not pid_alive(pid), 5, "the cancelled probe's process to be killed")
 
 
 def test_cancelled_http_probe_raises_cancelled():

@@ -8,12 +8,12 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from supervisor.config.model import ResourceLimits
+from tests.integration.harness import wait_until
 from supervisor.resources import (
     SUPERVISOR_CGROUP,
     LimitKind,
@@ -72,10 +72,8 @@ def test_usage_is_summed_over_the_agent_and_its_worker(agent):
     assert usage.threads >= 2 and usage.fds >= 6, usage
 
     # The worker spins: CPU is a delta between samples, so it shows from the second on.
-    end = time.monotonic() + 10
-    while (usage := sampler.sample(proc.pid)).cpu_percent < 20:
-        assert time.monotonic() < end, f"busy worker never showed CPU: {usage}"
-        time.sleep(0.05)
+    usage = wait_until(lambda: (lambda u: u if u.cpu_percent >= 20 else None)(
+        sampler.sample(proc.pid)), 10, "the busy worker's CPU to show")
 
 
 def test_memory_over_limit_is_an_enforced_verdict(agent):
@@ -94,10 +92,7 @@ def test_a_gone_process_samples_as_none(agent):
     assert sampler.sample(proc.pid) is not None
     os.killpg(proc.pid, signal.SIGKILL)
     # Exited but not yet reaped (a zombie) is already gone for the sampler...
-    end = time.monotonic() + 5
-    while sampler.sample(proc.pid) is not None:
-        assert time.monotonic() < end, "a killed agent still sampled"
-        time.sleep(0.01)
+    wait_until(lambda: sampler.sample(proc.pid) is None, 5, "a killed agent to sample as gone")
     proc.wait()
     # ...and so is a pid nobody has any more.
     assert sampler.sample(proc.pid) is None
