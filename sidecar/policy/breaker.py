@@ -45,7 +45,7 @@ class Breaker:
         # lifetime totals (kept by reset)
         "trips", "rejections",
         # the current state
-        "_state", "_closed", "_forced",
+        "_state", "closed", "_forced",
         # the current episode
         "_failures", "_opened_at", "tripped_at", "trip_reason", "_successes", "_probes",
     )
@@ -56,8 +56,10 @@ class Breaker:
         self.trips = 0  # times it opened (automatic or forced)
         self.rejections = 0  # calls refused: open, or half-open slots full
         self._state = BreakerState.CLOSED
-        # Mirrors `_state is CLOSED` so the hot path reads one attribute, no global.
-        self._closed = True
+        # Mirrors `_state is CLOSED`, for the hot path to read (never to set): while it
+        # is True, allow() admits and record(True) changes nothing, so a caller may
+        # skip both calls.
+        self.closed = True
         self._forced: str | None = None  # None | "open" | "closed"
         # Only the last `failures` failure times matter: the breaker trips when the oldest
         # of them is still in the window. Bounded, O(1) per failure.
@@ -72,7 +74,7 @@ class Breaker:
 
     def allow(self, now: float) -> bool:
         """May a call pass now? Counts a rejection when not."""
-        if self._closed:
+        if self.closed:
             return True
         if self._state is BreakerState.OPEN:
             if self._forced is not None or now - self._opened_at < self.settings.open_s:
@@ -87,7 +89,7 @@ class Breaker:
 
     def record(self, ok: bool, now: float, reason: str = "") -> None:
         """The verdict of an admitted call; `reason` says why it failed."""
-        if ok and self._closed:
+        if ok and self.closed:
             return
         state = self._state
         if state is BreakerState.CLOSED:
@@ -177,7 +179,7 @@ class Breaker:
 
     def _to_open(self, now: float, reason: str) -> None:
         self._state = BreakerState.OPEN
-        self._closed = False
+        self.closed = False
         self._forced = None
         self._opened_at = now
         self.tripped_at = now
@@ -188,13 +190,13 @@ class Breaker:
 
     def _to_half_open(self) -> None:
         self._state = BreakerState.HALF_OPEN
-        self._closed = False
+        self.closed = False
         self._successes = 0
         self._probes = 0
 
     def _to_closed(self) -> None:
         self._state = BreakerState.CLOSED
-        self._closed = True
+        self.closed = True
         self._forced = None
         self._failures.clear()
         self._successes = 0

@@ -231,6 +231,70 @@ def test_hop_by_hop_headers_are_not_forwarded_either_way():
     assert b"X-Public: 2\r\n" in answer
 
 
+def test_a_plain_answer_reaches_the_agent_byte_for_byte():
+    # Content-Length or chunked, and Connection: keep-alive (the proxy's own option for
+    # this agent too): the head is not rebuilt, so field order and spelling survive.
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    answer = (b"HTTP/1.1 200 OK\r\nserver: odd-Case\r\nX-B: 2\r\nX-A: 1\r\n"
+              b"Connection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
+    connect.respond(answer)
+    assert agent.take() == answer
+    proxy.data_received(GET)
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"2\r\nok\r\n0\r\n\r\n")
+    connect.respond(chunked)
+    assert agent.take() == chunked
+    assert rig.stats.outcomes["ok"] == 2
+
+
+def test_answer_head_split_across_reads_is_relayed_whole():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    answer = (b"HTTP/1.0 200 OK\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\n"
+              b"Content-Length: 5\r\nX-Late: yes\r\n\r\nhello")
+    for i in range(0, len(answer), 7):  # a 1.0 answer with hop-by-hop fields: rebuilt
+        connect.respond(answer[i:i + 7])
+    got = agent.take()
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\nhello")
+    assert b"X-Late: yes\r\n" in got and b"Content-Length: 5\r\n" in got
+    assert b"Keep-Alive" not in got and b"Connection" not in got
+    # 100 Continue and the answer in one read, then the next exchange as usual.
+    proxy.data_received(GET)
+    connect.respond(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+    assert agent.take() == b"HTTP/1.1 100 Continue\r\n\r\n" + OK
+    proxy.data_received(GET)
+    connect.respond(OK)
+    assert agent.take() == OK
+    assert rig.stats.outcomes["ok"] == 3
+
+
+@pytest.mark.parametrize("stray", [OK, b"HTTP/1.1 200 OK\r\nContent-Le"])
+def test_bytes_after_a_complete_answer_are_never_taken_for_the_next(stray):
+    # One request at a time goes upstream, so anything after the answer in the same
+    # read answers nothing: the connection goes, and the next request gets a new one.
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    connect.respond(OK + stray)
+    assert agent.take() == OK
+    assert up.closed
+    proxy.data_received(GET)
+    assert len(rig.loop.connects) == 2
+    rig.loop.connects[1].accept()
+    rig.loop.connects[1].respond(OK)
+    assert agent.take() == OK
+    assert rig.stats.outcomes["ok"] == 2
+
+
 def test_body_sent_before_the_upstream_is_connected_is_held_and_forwarded():
     rig = Rig()
     proxy, agent = rig.agent()
