@@ -85,10 +85,12 @@ _RESPONSE_FIELDS = re.compile(
     rb"|transfer-encoding|content-length):")
 
 # The same names and their values, lower-cased: the answer forwarded as it came has
-# only Content-Length, chunked framing and Connection: keep-alive among them.
+# only Content-Length, chunked framing and Connection: keep-alive among them. A value
+# with trailing whitespace does not compare equal and takes the long way (a lazy
+# match that trims it costs twice as much, on every answer).
 _FRAMING_FIELDS = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|upgrade|proxy-authorization"
-    rb"|transfer-encoding|content-length):[ \t]*([^\r]*?)[ \t]*(?=\r)")
+    rb"|transfer-encoding|content-length):[ \t]*([^\r]*)")
 
 # Connection values naming no field, as servers and clients spell them: nothing to drop,
 # known without splitting the value (most responses carry one). Any other spelling takes
@@ -247,21 +249,27 @@ def _reason(status: int) -> bytes:
 
 
 class _Request:
-    """One request from the agent, from its head to the end of its exchange."""
+    """One request from the agent, from its head to the end of its exchange.
 
-    __slots__ = (
-        # parsed from the agent
-        "method", "line", "host_line", "fields", "chunked", "keep_alive", "http10",
-        "target", "tunnel", "complete",
-        # routing
-        "upstream", "state",
-        # the body, kept for a resend while it fits max_pending_bytes; None once a part
-        # of it went out and was let go
-        "replay", "body_bytes",
-        # the exchange
-        "started", "deadline", "endpoint", "admitted", "attempt", "fresh_retry", "replied",
-        "done", "failed_status",
-    )
+    No __slots__: the exchange's fields start as the class's defaults below and only
+    the head's are set per request (a third of the stores, on every request)."""
+
+    # the body, kept for a resend while it fits max_pending_bytes: a list once a part
+    # arrives; None once a part went out and was let go
+    replay: list[bytes] | tuple[()] | None = ()
+    body_bytes = 0
+    tunnel = False  # CONNECT
+    complete = False  # the agent sent all of it
+    # the exchange
+    started = 0.0
+    deadline = 0.0  # loop time by which the whole answer must be in
+    endpoint: Endpoint | None = None
+    admitted = False  # a breaker admission awaits its record() or release()
+    attempt = 0  # retries sent
+    fresh_retry = False  # the one resend after a stale pooled connection
+    replied = False  # bytes of an answer were written to the agent
+    done = False  # answered: body bytes still arriving are dropped
+    failed_status = False
 
     def __init__(self, method: bytes, line: bytes, host_line: bytes | None, fields: bytes,
                  chunked: bool, keep_alive: bool, http10: bool, target: bytes,
@@ -274,21 +282,10 @@ class _Request:
         self.keep_alive = keep_alive
         self.http10 = http10
         self.target = target
-        self.tunnel = method == b"CONNECT"
-        self.complete = False  # the agent sent all of it
         self.upstream = upstream
         self.state = state
-        self.replay: list[bytes] | None = []
-        self.body_bytes = 0
-        self.started = 0.0
-        self.deadline = 0.0  # loop time by which the whole answer must be in
-        self.endpoint: Endpoint | None = None
-        self.admitted = False  # a breaker admission awaits its record() or release()
-        self.attempt = 0  # retries sent
-        self.fresh_retry = False  # the one resend after a stale pooled connection
-        self.replied = False  # bytes of an answer were written to the agent
-        self.done = False  # answered: body bytes still arriving are dropped
-        self.failed_status = False
+        if method == b"CONNECT":
+            self.tunnel = True
 
 
 class HttpProxy(asyncio.Protocol):
@@ -589,6 +586,8 @@ class HttpProxy(asyncio.Protocol):
         req.body_bytes += n
         replay = req.replay
         if replay is not None:
+            if not replay:
+                replay = req.replay = []  # the class's shared empty default until now
             replay.append(part)
         if req is self._current:
             self._wire.append(part)
