@@ -7,11 +7,16 @@ What runs (all on 127.0.0.1, every process started here and stopped here):
                 one L7 (HTTP/1.1 proxy), exactly as an agent's host config declares them.
   HAProxy       the peer: `nbthread 1` (one core, like the sidecar's one event loop), a
                 `mode tcp` and a `mode http` frontend (`http-reuse always`, keep-alive).
+  floor-L7      bench/floor_http.py: the least an HTTP/1.1 proxy on uvloop + httptools
+                does (parse both ways, forward bytes as they came; no policy at all). A
+                yardstick, not a peer: HAProxy -> floor is what the stack costs, floor
+                -> sidecar-L7 what the sidecar's own work costs.
   wrk           `-t1 --latency` at 1 connection (latency alone) and at 16 connections
                 (saturation: 16 keep-alive connections keep one Python event loop, and
                 one HAProxy thread, (nearly) busy all the time; more adds queueing).
 
-Targets: direct (wrk -> nginx), haproxy-tcp, sidecar-L4, haproxy-http, sidecar-L7.
+Targets: direct (wrk -> nginx), haproxy-tcp, sidecar-L4, haproxy-http, sidecar-L7,
+floor-L7.
 
 Method, and why:
 - Interleaved: one run holds every target. Each round runs every (target, connections)
@@ -79,7 +84,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
-TARGETS = ("direct", "haproxy-tcp", "sidecar-L4", "haproxy-http", "sidecar-L7")
+TARGETS = ("direct", "haproxy-tcp", "sidecar-L4", "haproxy-http", "sidecar-L7", "floor-L7")
+# The L7 stack's floor, and the target it is the floor of.
+FLOOR, FLOORED = "floor-L7", "sidecar-L7"
 # Each sidecar listener and the HAProxy frontend it is compared with.
 PEERS = {"sidecar-L4": "haproxy-tcp", "sidecar-L7": "haproxy-http"}
 # One connection: latency with nothing queued. Sixteen: saturation. Measured on the
@@ -484,6 +491,24 @@ def target_rows(medians: dict, targets: list[str]) -> tuple[list[str], list[list
     return ["measure", *targets], rows
 
 
+def floor_lines(medians: dict) -> list[str]:
+    """Where the L7 CPU per request goes: the stack's floor against HAProxy, and the
+    sidecar's own work on top of the floor."""
+    peer = PEERS[FLOORED]
+    if not {FLOOR, FLOORED, peer} <= medians.keys():
+        return []
+    sat = str(SATURATION_CONNS)
+    cpu = {t: medians[t][sat]["cpu_us_per_request"] for t in (FLOOR, FLOORED, peer)}
+    rps = {t: medians[t][sat]["rps"] for t in (FLOOR, FLOORED, peer)}
+    return [
+        f"{FLOOR} (uvloop + httptools, no policy): {cpu[FLOOR]:.1f} us CPU per request, "
+        f"{rps[FLOOR] / rps[peer]:.1%} of {peer}'s throughput; {peer}: {cpu[peer]:.1f} us.",
+        f"{FLOORED} over {FLOOR}: +{cpu[FLOORED] - cpu[FLOOR]:.1f} us CPU per request for "
+        f"its own work (timeouts, breaker, retry budget, metrics, pooling, Host and "
+        f"hop-by-hop rewriting); {rps[FLOORED] / rps[FLOOR]:.1%} of {FLOOR}'s throughput.",
+    ]
+
+
 def comparison_rows(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for c in comparisons:
@@ -682,6 +707,13 @@ def main() -> int:
                 owner["sidecar-L4"] = owner["sidecar-L7"] = sc
                 wait_until("sidecar /ready", lambda: (get(metrics, "/ready") or (0,))[0] == 200,
                            children)
+            if FLOOR in names:
+                ports[FLOOR] = free_port()
+                floor = Child(FLOOR, [sys.executable, str(ROOT / "bench" / "floor_http.py"),
+                                      str(ports[FLOOR]), str(nginx_port)],
+                              folder / "floor.log", cwd=ROOT)
+                children.append(floor)
+                owner[FLOOR] = floor
             targets = [Target(n, ports[n], owner[n]) for n in names]
             for t in targets:  # every path answers nginx's body before we time it
                 wait_until(t.name, lambda t=t: get(t.port) == (200, b"ok\n"), children)
@@ -704,9 +736,12 @@ def main() -> int:
     busy = (f"other programs used {statistics.median(foreign):.2f} cores (median of runs; "
             f"max {max(foreign):.2f}) of the machine's {os.cpu_count()}; "
             f"{len(set_aside)} runs set aside and repeated for that")
+    floor = floor_lines(medians)
     print(f"\n{note}\n{busy}\n\n{text_table(head, rows)}\n")
     if crows:
         print(text_table(chead, crows, left=2))
+    if floor:
+        print("\n" + "\n".join(floor))
     if statistics.median(foreign) > BUSY_WARN_CORES:
         print(f"\nWARNING: {busy}: the figures are skewed; rerun on a quiet machine.")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -733,6 +768,9 @@ def main() -> int:
     if crows:
         print()
         print(markdown_table(chead, crows, left=2))
+    if floor:
+        print()
+        print("\n".join(f"- {line}" for line in floor))
     print("<!-- end bench/hot_path.py -->")
     return 0
 
