@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # Debian packages for the real components: the tests use systemd-analyze (unit files),
 # nft and ip (transparent interception in network namespaces); the hot-path benchmark
-# compares against HAProxy, with nginx as the upstream and wrk as the load.
+# compares against HAProxy, with nginx as the upstream and wrk as the load, and counts
+# the L7 proxy's instructions under valgrind.
 TEST_DEBS := systemd:systemd-analyze nftables:nft iproute2:ip util-linux:setpriv
-BENCH_DEBS := haproxy:haproxy wrk:wrk nginx-light:nginx
+BENCH_DEBS := haproxy:haproxy wrk:wrk nginx-light:nginx valgrind:valgrind
 
 .PHONY: install system-deps bench-deps demo test bench clean
 
@@ -48,6 +49,7 @@ test: $(STAMP) system-deps
 bench: $(STAMP) bench-deps
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/restart.py
+	$(BIN)/python bench/l7_instructions.py
 	$(BIN)/python bench/hot_path.py
 
 clean:

@@ -1,0 +1,215 @@
+"""The L7 proxy's own work per request, in CPU instructions: a figure that does not move
+with the machine's load.
+
+bench/hot_path.py measures the whole path (syscalls, event loop, Python) against HAProxy
+on real sockets, and on this small shared machine its microseconds move by 10-20 % from
+run to run. This one drives `sidecar.proxy.http` alone, with in-memory transports (no
+sockets, no event loop: the loop's clock is read, its timers are never due), through
+whole exchanges, and counts the instructions under valgrind's callgrind: the same code
+gives the same count, whatever else the machine is doing. Use it before and after a
+hot-path change; the real-socket benchmark says what the change is worth in the end.
+
+Instructions per request = (count for N2 exchanges - count for N1) / (N2 - N1), so that
+interpreter start-up and imports cancel out. Cases:
+  plain      wrk's request (Host only) and nginx's answer (five fields, keep-alive):
+             the answer head goes to the agent as it came.
+  keepalive  a `requests` request (five fields) and Apache's answer (Keep-Alive):
+             the answer head is rebuilt without its hop-by-hop fields.
+  listed     the same request and an answer whose Connection header names a field:
+             the answer head is rebuilt line by line (rare).
+
+Needs valgrind (Debian package). Usage: .venv/bin/python bench/l7_instructions.py
+Writes bench/results/l7_instructions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+_REQUESTS_GET = (b"GET /registry/agents HTTP/1.1\r\nHost: 127.0.0.1:18081\r\n"
+                 b"User-Agent: python-requests/2.32.3\r\nAccept-Encoding: gzip, deflate\r\n"
+                 b"Accept: */*\r\nConnection: keep-alive\r\n\r\n")
+CASES = {
+    "plain": (
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18081\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n",
+    ),
+    "keepalive": (
+        _REQUESTS_GET,
+        b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nServer: Apache/2.4.62\r\n"
+        b"Content-Length: 2\r\nKeep-Alive: timeout=5, max=100\r\nConnection: Keep-Alive\r\n"
+        b"Content-Type: application/json\r\n\r\n{}",
+    ),
+    "listed": (
+        _REQUESTS_GET,
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+        b"Date: Mon, 01 Jan 2024 00:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.9.5\r\n"
+        b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\r\n{}",
+    ),
+}
+SMALL, LARGE = 1_000, 6_000
+
+
+class _Transport:
+    """Takes writes and drops them; the proxy's flow-control calls do nothing."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def close(self) -> None:
+        raise SystemExit("the proxy closed a connection: the case is not a clean exchange")
+
+
+class _Connect:
+    """The one upstream connection (create_connection's task), completed by `accept`."""
+
+    def __init__(self, factory) -> None:
+        self.protocol = factory()
+        self.transport = _Transport()
+        self.callbacks: list = []
+
+    def add_done_callback(self, callback) -> None:
+        self.callbacks.append(callback)
+
+    def accept(self) -> None:
+        self.protocol.connection_made(self.transport)
+        for callback in self.callbacks:
+            callback(self)
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self):
+        return None
+
+
+class _Timer:
+    def cancel(self) -> None:
+        pass
+
+
+class _Loop:
+    """A clock that stands still and timers that never fire: only the exchange runs."""
+
+    def __init__(self) -> None:
+        self.connects: list[_Connect] = []
+
+    def time(self) -> float:
+        return 1000.0
+
+    def call_at(self, when, callback, *args) -> _Timer:
+        return _Timer()
+
+    def call_later(self, delay, callback, *args) -> _Timer:
+        return _Timer()
+
+    def create_connection(self, factory, host, port) -> _Connect:
+        self.connects.append(_Connect(factory))
+        return self.connects[-1]
+
+    def create_task(self, connect: _Connect) -> _Connect:
+        return connect
+
+
+def exchanges(case: str, n: int) -> None:
+    """Run `n` exchanges of `case` through one agent connection, the way the sidecar's
+    per-upstream listener does, and check each one was answered."""
+    from sidecar.config import Protocol, UpstreamPolicy
+    from sidecar.proxy.http import HttpProxy
+    from sidecar.upstream import Upstream
+
+    request, answer = CASES[case]
+    loop = _Loop()
+    upstream = Upstream(UpstreamPolicy(name="Bench", protocol=Protocol.HTTP,
+                                       endpoints=(("127.0.0.1", 18080),)))
+    proxy = HttpProxy(lambda host, port: upstream, loop=loop)  # as serve_upstream does
+    agent = _Transport()
+    proxy.connection_made(agent)
+    proxy.data_received(request)  # the first exchange opens the upstream connection
+    loop.connects[0].accept()
+    upstream_side = loop.connects[0].protocol
+    upstream_side.data_received(answer)
+    feed_agent, feed_upstream = proxy.data_received, upstream_side.data_received
+    for _ in range(n):
+        feed_agent(request)
+        feed_upstream(answer)
+    if len(loop.connects) != 1 or agent.writes != n + 1:
+        raise SystemExit(f"{case}: {agent.writes} answers for {n + 1} requests over "
+                         f"{len(loop.connects)} upstream connections")
+    if upstream.stats.outcomes["ok"] != n + 1:
+        raise SystemExit(f"{case}: outcomes {dict(upstream.stats.outcomes)}")
+
+
+def instructions(case: str, n: int) -> int:
+    """Instructions callgrind counts for a whole interpreter running `n` exchanges."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+         sys.executable, __file__, "--inner", case, str(n)],
+        capture_output=True, text=True, check=True)
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if not found:
+        raise SystemExit(f"callgrind gave no count:\n{out.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--inner", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON")
+    args = ap.parse_args()
+    if args.inner:
+        exchanges(args.inner[0], int(args.inner[1]))
+        return 0
+    if not shutil.which("valgrind"):
+        raise SystemExit("valgrind not found: apt-get install valgrind")
+    rows = {}
+    for case in CASES:
+        print(f"{case}: callgrind, {SMALL} and {LARGE} exchanges ...", file=sys.stderr,
+              flush=True)
+        small, large = instructions(case, SMALL), instructions(case, LARGE)
+        rows[case] = {"instructions_per_request": round((large - small) / (LARGE - SMALL))}
+    print(f"\n{'case':8s} {'instructions/request':>21s}")
+    for case, r in rows.items():
+        print(f"{case:8s} {r['instructions_per_request']:21,d}")
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "l7_instructions.json").write_text(json.dumps(
+        {"git": git, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+         "exchanges": [SMALL, LARGE], "cases": rows}, indent=2) + "\n")
+    print(f"\nJSON: {args.out / 'l7_instructions.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
