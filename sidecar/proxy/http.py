@@ -94,6 +94,10 @@ _FRAMING_FIELDS = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|upgrade|proxy-authorization"
     rb"|transfer-encoding|content-length):[ \t]*([^\r]*)")
 
+# Answer heads by shape (digits zeroed) -> framing, per upstream; cleared when full.
+_ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_FRAMINGS_MAX = 256
+
 # Connection values naming no field, as servers and clients spell them: nothing to drop,
 # known without splitting the value (most responses carry one). Any other spelling takes
 # the long way, to the same result.
@@ -164,13 +168,17 @@ class _UpstreamState:
     Upstream itself, so it lives exactly as long as the Upstream (see `_state_of`)."""
 
     __slots__ = ("policy", "stats", "pools", "host_lines", "last_good", "rejection",
-                 "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed")
+                 "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed",
+                 "framings")
 
     def __init__(self, upstream: Upstream):
         policy = self.policy = upstream.policy
         self.stats = upstream.stats
         name = upstream.name
         self.pools: dict[Endpoint, list[_UpstreamConnection]] = {}
+        # How this upstream's answers are framed, by the shape of their head: see
+        # `_UpstreamConnection.on_headers_complete`.
+        self.framings: dict[bytes, int] = {}
         self.host_lines = {ep: b"Host: %s\r\n" % ep.label.encode() for ep in upstream.endpoints}
         fallback = policy.fallback
         self.last_good: OrderedDict[bytes, bytes] | None = (
@@ -1170,38 +1178,6 @@ class _UpstreamConnection(asyncio.Protocol):
         self.head_raw = 0
         req = proxy._current
         status = self.parser.get_status_code()
-        state = self.state
-        method = req.method
-        found = _FRAMING_FIELDS.findall(head.lower())
-        if (200 <= status and req.keep_alive and not req.http10 and method != b"HEAD"
-                and head.startswith(b"HTTP/1.1 ")
-                and (state.last_good is None or method != b"GET" or status >= 300)):
-            # The common answer goes to the agent as it came: its only framing and
-            # hop-by-hop fields are Content-Length, chunked, and Connection: keep-alive,
-            # which is also the proxy's own option for this agent connection (RFC 9110
-            # 7.6.1 lets a proxy replace Connection with its own). Any other answer
-            # takes the long way below, which rebuilds the head.
-            length = chunked = False
-            for name, value in found:
-                if name == b"content-length":
-                    length = True
-                elif name == b"transfer-encoding" and value == b"chunked":
-                    chunked = True
-                elif name != b"connection" or value != b"keep-alive":
-                    break
-            else:
-                if length or chunked:
-                    req.failed_status = status in state.policy.failure_statuses
-                    self.length = length
-                    self.mode = _RECHUNK if chunked else _AS_IS
-                    self.capture = None
-                    self.eof_body = False
-                    self.close_agent = False
-                    proxy._reply.append(head)
-                    return
-        line_end = head.index(b"\r\n")
-        status_line = head[:line_end] if head.startswith(b"HTTP/1.1 ") else (
-            b"HTTP/1.1" + head[8:line_end])  # llhttp checked the "HTTP/d.d " prefix
         reply = proxy._reply
         if status < 200:
             if status == 101:
@@ -1209,8 +1185,37 @@ class _UpstreamConnection(asyncio.Protocol):
             # 100 Continue and friends: the agent may be waiting for one (not 1.0).
             self.informational = True
             if not req.http10:
-                reply.append(b"%s\r\n\r\n" % status_line)
+                reply.append(b"%s\r\n\r\n" % _status_line(head, head.index(b"\r\n")))
             return
+        state = self.state
+        method = req.method
+        # An upstream gives the same few heads over and over, differing in digits (Date,
+        # Content-Length): what its fields say is kept per head with its digits zeroed,
+        # a dict lookup instead of a scan of the head. Exact: no field name or value it
+        # looks at has a digit, and zeroing keeps a digit a digit (see `_known`).
+        shape = head.translate(_ZERO_DIGITS)
+        known = state.framings.get(shape)
+        if known is None:
+            known = _known(head, shape, state.framings)
+        if (known.__class__ is int and req.keep_alive and not req.http10
+                and method != b"HEAD" and head.startswith(b"HTTP/1.1 ")
+                and (state.last_good is None or method != b"GET" or status >= 300)):
+            # The common answer goes to the agent as it came: its only framing and
+            # hop-by-hop fields are Content-Length, chunked, and Connection: keep-alive,
+            # which is also the proxy's own option for this agent connection (RFC 9110
+            # 7.6.1 lets a proxy replace Connection with its own). Any other answer
+            # takes the long way below, which rebuilds the head.
+            req.failed_status = status in state.policy.failure_statuses
+            self.length = known == _AS_IS
+            self.mode = known
+            self.capture = None
+            self.eof_body = False
+            self.close_agent = False
+            reply.append(head)
+            return
+        found = known if known.__class__ is list else _FRAMING_FIELDS.findall(head.lower())
+        line_end = head.index(b"\r\n")
+        status_line = _status_line(head, line_end)
         fields, self.length, te = _response_fields(head, line_end, found)
         req.failed_status = status in state.policy.failure_statuses
         if state.last_good is not None and method == b"GET" and 200 <= status < 300:
@@ -1359,6 +1364,42 @@ def _host_port(authority: bytes) -> tuple[bytes, int]:
     if host.startswith(b"[") and host.endswith(b"]"):
         host = host[1:-1]
     return host, int(port) if port.isdigit() and 0 < int(port) < 65536 else 0
+
+
+def _known(head: bytes, shape: bytes, framings: dict[bytes, int | list]) -> int | list:
+    """What an answer head's framing and hop-by-hop fields say, kept in `framings` under
+    its `shape` (the head with digits zeroed): _AS_IS (Content-Length) or _RECHUNK
+    (chunked) when it may go to the agent as it came, else the fields themselves
+    (`_FRAMING_FIELDS`), for the rebuild. The fields are kept only when the values the
+    rebuild uses (Connection, Transfer-Encoding) have no digit, so that every head of
+    that shape has the same ones."""
+    found = _FRAMING_FIELDS.findall(head.lower())
+    length = chunked = False
+    plain = True
+    for name, value in found:
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding" and value == b"chunked":
+            chunked = True
+        elif name != b"connection" or value != b"keep-alive":
+            plain = False
+    if plain and (length or chunked):
+        known: int | list = _RECHUNK if chunked else _AS_IS
+    else:
+        known = found
+        if any(name in (b"connection", b"transfer-encoding") and value != value.translate(
+                _ZERO_DIGITS) for name, value in found):
+            return known  # not kept
+    if len(framings) >= _FRAMINGS_MAX:
+        framings.clear()
+    framings[shape] = known
+    return known
+
+
+def _status_line(head: bytes, line_end: int) -> bytes:
+    """The status line the agent gets: HTTP/1.1 and the upstream's code and reason."""
+    return head[:line_end] if head.startswith(b"HTTP/1.1 ") else (
+        b"HTTP/1.1" + head[8:line_end])  # llhttp checked the "HTTP/d.d " prefix
 
 
 def _response_fields(head: bytes, line_end: int, found: list[tuple[bytes, bytes]]

@@ -90,6 +90,31 @@ def test_a_plain_answer_reaches_the_agent_byte_for_byte():
     assert rig.stats.outcomes["ok"] == 2
 
 
+def test_answers_that_differ_only_in_digits_are_each_framed_by_their_own_fields():
+    # The proxy keeps what a head's fields say by the head's shape (digits zeroed): a
+    # later head of the same shape must get exactly the treatment its own fields ask.
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    for length in (2, 7, 3):  # Content-Length's digits change; the verdict holds
+        body = b"x" * length
+        answer = b"HTTP/1.1 200 OK\r\nDate: Mon, 0%d Jan\r\nContent-Length: %d\r\n\r\n%s" % (
+            length, length, body)
+        connect.respond(answer)
+        assert agent.take() == answer
+        proxy.data_received(GET)
+    # A Connection header naming a field with a digit: each answer drops its own.
+    for drop, keep in ((b"X-Hop1", b"X-Hop2"), (b"X-Hop2", b"X-Hop1")):
+        connect.respond(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, %s\r\nX-Hop1: a\r\n"
+                        b"X-Hop2: b\r\nContent-Length: 2\r\n\r\nok" % drop)
+        got = agent.take()
+        assert drop + b":" not in got and keep + b":" in got, got
+        proxy.data_received(GET)
+    assert rig.stats.outcomes["ok"] == 5
+
+
 def test_answer_head_split_across_reads_is_relayed_whole():
     rig = Rig()
     proxy, agent = rig.agent()
