@@ -281,13 +281,12 @@ class _Request:
     done = False  # answered: body bytes still arriving are dropped
     failed_status = False
 
-    def __init__(self, method: bytes, line: bytes, host_line: bytes | None, fields: bytes,
+    def __init__(self, method: bytes, host_line: bytes | None, fields: bytes,
                  chunked: bool, keep_alive: bool, http10: bool, target: bytes,
                  upstream: Upstream | None, state: _UpstreamState | None):
         self.method = method
-        self.line = line  # the request line as sent upstream (origin-form)
         self.host_line = host_line  # None: the chosen endpoint's host:port
-        self.fields = fields  # the other forwarded header lines and the blank line
+        self.fields = fields  # the other forwarded header lines, each with its CRLF
         self.chunked = chunked
         self.keep_alive = keep_alive
         self.http10 = http10
@@ -519,8 +518,7 @@ class HttpProxy(asyncio.Protocol):
         # keeps it and said nothing speaks 1.1, without asking the parser.
         http10 = ((connection is not None or not keep_alive)
                   and parser.get_http_version() == "1.0")
-        req = _Request(method, b"%s %s HTTP/1.1\r\n" % (method, target), host_line,
-                       fields + b"\r\n", self._chunked, keep_alive, http10, target,
+        req = _Request(method, host_line, fields, self._chunked, keep_alive, http10, target,
                        upstream, state)
         self._fields.clear()
         self._url = b""
@@ -571,7 +569,8 @@ class HttpProxy(asyncio.Protocol):
         conn.proxy = self
         conn.got_bytes = False
         self._conn = conn
-        head = b"".join((req.line, host_line or state.host_lines[ep], req.fields))
+        head = b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+            method, target, host_line or state.host_lines[ep], fields)
         if framed:  # the body follows: one write with it, after this read
             self._wire.append(head)
         else:
@@ -660,9 +659,8 @@ class HttpProxy(asyncio.Protocol):
             self._resume(_UPSTREAM_FULL)
         wire = self._wire
         wire.clear()
-        wire.append(req.line)
-        wire.append(req.host_line or state.host_lines[ep])
-        wire.append(req.fields)
+        wire.append(b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
+            req.method, req.target, req.host_line or state.host_lines[ep], req.fields))
         replay = req.replay
         if replay:
             wire += replay
@@ -1088,7 +1086,12 @@ class _UpstreamConnection(asyncio.Protocol):
         heads = self.heads
         was_in_head = self.in_head
         if was_in_head:
-            self.head_buf = self.head_part + data if self.head_part else data
+            part = self.head_part
+            if part:
+                self.head_buf = part + data
+                self.head_part = b""
+            else:
+                self.head_buf = data
             self.head_at = 0
         try:
             self.parser.feed_data(data)
@@ -1098,10 +1101,10 @@ class _UpstreamConnection(asyncio.Protocol):
                 log.error("upstream response callback failed", exc_info=exc.__context__)
             self._malformed()
             return
-        if self.in_head:
-            at = self.head_at
-            # What a head begun in this read has so far, for the next read to complete.
-            self.head_part = self.head_buf[at:] if 0 <= at < len(self.head_buf) else b""
+        if self.in_head and self.head_at >= 0:
+            # What a head begun in this read has so far, for the next read to complete
+            # (-1: the answer ended in this read, and no head may follow it).
+            self.head_part = self.head_buf[self.head_at:]
             if was_in_head and heads == self.heads and self.proxy is not None:
                 self.head_raw += len(data)
                 if self.head_raw > self.max_header_bytes:
@@ -1172,7 +1175,7 @@ class _UpstreamConnection(asyncio.Protocol):
         # llhttp accepted the head, and it refuses bare LF: the first blank line ends it.
         end = buf.index(b"\r\n\r\n", at) + 4
         self.head_at = end  # a 1xx answer is followed by the next head at once
-        head = buf if at == 0 and end == len(buf) else buf[at:end]
+        head = buf[at:end]
         if len(head) > self.max_header_bytes:
             raise _HeadTooLarge
         self.head_raw = 0
