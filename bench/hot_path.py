@@ -11,7 +11,9 @@ What runs (all on 127.0.0.1, every process started here and stopped here):
                 does (parse both ways, forward bytes as they came; no policy at all). A
                 yardstick, not a peer: HAProxy -> floor is what the stack costs, floor
                 -> sidecar-L7 what the sidecar's own work costs.
-  wrk           `-t1 --latency` at 1 connection (latency alone) and at 16 connections
+  wrk           `-t1 --latency`, GETs with the fields python-requests sends (the fleet's
+                agents are Python programs; --bare-request for wrk's Host-only GET),
+                at 1 connection (latency alone) and at 16 connections
                 (saturation: 16 keep-alive connections keep one Python event loop, and
                 one HAProxy thread, (nearly) busy all the time; more adds queueing).
 
@@ -349,6 +351,14 @@ class Others:
         return time.monotonic() - t0
 
 
+# The fields python-requests sends with a GET (wrk adds Host): the fleet's agents are
+# Python programs, and the request every proxy here parses should look like theirs.
+# --bare-request drops them (wrk's own GET: Host alone).
+AGENT_FIELDS = ("User-Agent: python-requests/2.32.3", "Accept-Encoding: gzip, deflate",
+                "Accept: */*", "Connection: keep-alive")
+REQUEST_FIELDS = AGENT_FIELDS
+
+
 def run_wrk(target: Target, conns: int, duration_s: int, others: Others) -> dict:
     """One wrk run, with the CPU the target's process used in it and the CPU other
     programs used meanwhile."""
@@ -356,6 +366,7 @@ def run_wrk(target: Target, conns: int, duration_s: int, others: Others) -> dict
     others.mark()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{duration_s}s", "--latency",
+         *(a for field in REQUEST_FIELDS for a in ("-H", field)),
          f"http://127.0.0.1:{target.port}/"],
         capture_output=True, text=True, timeout=duration_s + WRK_GRACE_S)
     cpu, wall = target.process.cpu_s() - cpu0, time.monotonic() - t0
@@ -665,7 +676,11 @@ def main() -> int:
                     help="comma-separated subset of " + ",".join(TARGETS))
     ap.add_argument("--out", type=Path, default=RESULTS,
                     help="folder for hot_path.json and hot_path.png")
+    ap.add_argument("--bare-request", action="store_true",
+                    help="wrk's own GET (Host alone) instead of python-requests' fields")
     args = ap.parse_args()
+    global REQUEST_FIELDS
+    REQUEST_FIELDS = () if args.bare_request else AGENT_FIELDS
     plan = dict(QUICK if args.quick else FULL)
     plan["rounds"] = args.rounds or plan["rounds"]
     plan["duration_s"] = args.duration or plan["duration_s"]
@@ -730,7 +745,9 @@ def main() -> int:
     head, rows = target_rows(medians, names)
     chead, crows = comparison_rows(comparisons)
     note = (f"median of {plan['rounds']} interleaved rounds x {plan['duration_s']} s; "
-            f"wrk -t1, per-request latency; saturation = {SATURATION_CONNS} connections; "
+            f"wrk -t1, per-request latency, "
+            f"{'a bare GET' if args.bare_request else 'GETs with python-requests fields'}; "
+            f"saturation = {SATURATION_CONNS} connections; "
             f"added = paired difference to direct in the same round")
     foreign = [r["foreign_cpu_cores"] for r in runs]
     busy = (f"other programs used {statistics.median(foreign):.2f} cores (median of runs; "
@@ -747,7 +764,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "machine": info,
-        "plan": {**plan, "connections": list(CONNS), "saturation_connections":
+        "plan": {**plan, "request_fields": list(REQUEST_FIELDS),
+                 "connections": list(CONNS), "saturation_connections":
                  SATURATION_CONNS, "targets": names, "quick": args.quick,
                  "elapsed_s": round(time.monotonic() - t_start, 1)},
         "runs": runs,

@@ -13,7 +13,9 @@ Instructions per request = (count for N2 exchanges - count for N1) / (N2 - N1), 
 interpreter start-up and imports cancel out. Cases:
   plain      wrk's request (Host only) and nginx's answer (five fields, keep-alive):
              the answer head goes to the agent as it came.
-  keepalive  a `requests` request (five fields) and Apache's answer (Keep-Alive):
+  agent      a `requests` request (five fields, as the fleet's agents send) and
+             nginx's answer: both heads as they came but Host.
+  keepalive  the same request and Apache's answer (Keep-Alive):
              the answer head is rebuilt without its hop-by-hop fields.
   listed     the same request and an answer whose Connection header names a field:
              the answer head is rebuilt line by line (rare).
@@ -45,6 +47,12 @@ CASES = {
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18081\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
         b"Content-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n",
+    ),
+    "agent": (
+        _REQUESTS_GET,
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+        b"\r\n{}",
     ),
     "keepalive": (
         _REQUESTS_GET,

@@ -94,6 +94,12 @@ _FRAMING_FIELDS = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|upgrade|proxy-authorization"
     rb"|transfer-encoding|content-length):[ \t]*([^\r]*)")
 
+# The request fields the proxy acts on: the answer's names, and Host.
+_REQUEST_FIELDS = re.compile(
+    rb"\r\n(host|connection|keep-alive|proxy-connection|te|trailer|upgrade"
+    rb"|proxy-authorization|transfer-encoding|content-length):[ \t]*([^\r]*)")
+_CHUNKED_BODY = 2
+
 # Answer heads by shape (digits zeroed) -> framing, per upstream; cleared when full.
 _ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
 _FRAMINGS_MAX = 256
@@ -162,6 +168,11 @@ class _BadMessage(Exception):
     pass
 
 
+class _FieldByFieldFrom(Exception):
+    """A chunked request's head begins at this offset of the read: see
+    `HttpProxy.on_headers_complete`."""
+
+
 class _UpstreamState:
     """What the L7 proxy keeps per upstream: idle connections per endpoint, canned
     answers naming the upstream, and the LAST_GOOD cache. Holds no reference to the
@@ -169,7 +180,7 @@ class _UpstreamState:
 
     __slots__ = ("policy", "stats", "pools", "host_lines", "last_good", "rejection",
                  "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed",
-                 "framings")
+                 "framings", "request_shapes")
 
     def __init__(self, upstream: Upstream):
         policy = self.policy = upstream.policy
@@ -179,6 +190,8 @@ class _UpstreamState:
         # How this upstream's answers are framed, by the shape of their head: see
         # `_UpstreamConnection.on_headers_complete`.
         self.framings: dict[bytes, int] = {}
+        # The same for requests' fields: see `_request_known`.
+        self.request_shapes: dict[bytes, tuple] = {}
         self.host_lines = {ep: b"Host: %s\r\n" % ep.label.encode() for ep in upstream.endpoints}
         fallback = policy.fallback
         self.last_good: OrderedDict[bytes, bytes] | None = (
@@ -297,6 +310,47 @@ class _Request:
             self.tunnel = True
 
 
+class _FieldByField:
+    """The request parser's callbacks field by field, for the forward proxy and for a
+    connection after a chunked request (see `HttpProxy.on_headers_complete`): the
+    head's parts are gathered on the proxy, which takes over once the head is in."""
+
+    __slots__ = ("proxy", "on_body", "on_message_complete")
+
+    def __init__(self, proxy: HttpProxy):
+        self.proxy = proxy
+        self.on_body = proxy.on_body
+        self.on_message_complete = proxy.on_message_complete
+
+    def on_url(self, url: bytes) -> None:
+        self.proxy._url += url  # usually one piece; the head's size is checked when complete
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        proxy = self.proxy
+        n = proxy._head_bytes = proxy._head_bytes + len(name) + len(value) + 4
+        if n > proxy._max_header_bytes:
+            raise _HeadTooLarge
+        kind = _KIND_BY_SPELLING.get(name)
+        if kind is None:
+            kind = _kind_of(name)
+        if kind is _PLAIN:
+            proxy._fields += (name, b": ", value, b"\r\n")
+        elif kind is _CONTENT_LENGTH:
+            proxy._framed = True
+            proxy._fields += (name, b": ", value, b"\r\n")
+        elif kind is _HOST:
+            proxy._host = value
+        elif kind is _CONNECTION:
+            proxy._connection = value
+        elif kind is _TRANSFER_ENCODING:
+            proxy._chunked = b"chunked" in value.lower()
+            proxy._framed = True
+            proxy._fields += (name, b": ", value, b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        self.proxy._fields_done()
+
+
 class HttpProxy(asyncio.Protocol):
     """One agent connection: parses its requests, sends each to an upstream, relays the
     answers in order. `route(host, port)` names the upstream of a request: called with
@@ -311,7 +365,8 @@ class HttpProxy(asyncio.Protocol):
         "_transport", "_paused", "_agent_blocked", "_owed", "_eof", "_timer", "_timer_at",
         # the request being parsed
         "_url", "_host", "_fields", "_chunked", "_framed", "_connection", "_head_bytes",
-        "_head_raw", "_in_head", "_heads", "_parsing",
+        "_head_raw", "_in_head", "_heads", "_parsing", "_lean", "_head_buf", "_head_at",
+        "_head_part",
         # exchanges, one at a time, in order
         "_current", "_queue", "_queued_bytes", "_conn", "_wire", "_wire_bytes",
         "_reply", "_advancing",
@@ -326,7 +381,8 @@ class HttpProxy(asyncio.Protocol):
         self._forward = forward
         self._on_unrouted = on_unrouted  # (host, port) of a request no upstream takes
         self._loop = loop or asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
+        self._lean = not forward  # heads read from their bytes: see on_headers_complete
+        self._parser = httptools.HttpRequestParser(self if self._lean else _FieldByField(self))
         # A per-upstream listener knows its upstream, and so its limits, before the
         # first byte; the forward proxy learns them per request (the head's limit is
         # the default, since the head names the destination).
@@ -362,6 +418,11 @@ class HttpProxy(asyncio.Protocol):
         self._in_head = True  # between messages counts as in the next head
         self._heads = 0  # heads completed: tells whether a read ended one
         self._parsing: _Request | None = None
+        # Where heads begin (lean only): `_head_buf[_head_at:]`, the read with the part
+        # of a head that earlier reads brought (`_head_part`) in front.
+        self._head_buf = b""
+        self._head_at = 0
+        self._head_part = b""
 
         self._current: _Request | None = None
         self._queue: deque[_Request] = deque()
@@ -390,12 +451,30 @@ class HttpProxy(asyncio.Protocol):
             return  # the connection is ending: nothing more is read as a request
         heads = self._heads
         was_in_head = self._in_head
+        lean = self._lean
+        if lean:
+            part = self._head_part
+            if part:
+                self._head_buf = part + data
+                self._head_part = b""
+            else:
+                self._head_buf = data
+            self._head_at = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgraded(data[exc.args[0]:])
             return
         except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _FieldByFieldFrom):
+                # A chunked request: from its head on, field by field for good.
+                rest = self._head_buf[exc.__context__.args[0]:]
+                self._lean = False
+                self._in_head = True
+                self._heads -= 1
+                self._parser = httptools.HttpRequestParser(_FieldByField(self))
+                self.data_received(rest)
+                return
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._refuse(_HEAD_TOO_LARGE)
             elif isinstance(exc.__context__, _BadMessage):
@@ -407,6 +486,10 @@ class HttpProxy(asyncio.Protocol):
         except httptools.HttpParserError:
             self._refuse(_BAD_REQUEST)
             return
+        if lean and self._in_head:
+            at = self._head_at
+            if at < len(self._head_buf):  # a head begun in this read, for the next
+                self._head_part = self._head_buf[at:]
         # httptools only reports a header line once it is complete, so a read that
         # neither starts nor ends a head (a long line, sent slowly) is counted whole.
         if was_in_head and self._in_head and heads == self._heads:
@@ -451,34 +534,53 @@ class HttpProxy(asyncio.Protocol):
 
     # --- the request parser's callbacks ----------------------------------------------
 
-    # Per-head state is reset when a head completes (not in on_message_begin: one
-    # callback fewer per request); after a parse error the connection ends anyway.
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url  # usually one piece; the head's size is checked when complete
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        n = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
-        if n > self._max_header_bytes:
-            raise _HeadTooLarge
-        kind = _KIND_BY_SPELLING.get(name)
-        if kind is None:
-            kind = _kind_of(name)
-        if kind is _PLAIN:
-            self._fields += (name, b": ", value, b"\r\n")
-        elif kind is _CONTENT_LENGTH:
-            self._framed = True
-            self._fields += (name, b": ", value, b"\r\n")
-        elif kind is _HOST:
-            self._host = value
-        elif kind is _CONNECTION:
-            self._connection = value
-        elif kind is _TRANSFER_ENCODING:
-            self._chunked = b"chunked" in value.lower()
-            self._framed = True
-            self._fields += (name, b": ", value, b"\r\n")
+    # A per-upstream listener reads each request head from its bytes once llhttp has
+    # accepted it, as the upstream side does answers (no Python callback per field),
+    # and keeps what a head's fields say by the head's shape. That needs to know where
+    # in a read each head begins: the read's start, or the end of the previous message,
+    # which the proxy can follow for bodies framed by Content-Length (their bytes come
+    # as they are) but not for chunked ones. So a chunked request hands the connection
+    # to `_FieldByField` callbacks for good, replaying its head. The forward proxy uses
+    # those from the start (targets and Host name the destination).
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._heads += 1
+        buf = self._head_buf
+        at = self._head_at
+        # llhttp accepted the head, and it refuses bare LF: the request line ends at the
+        # first CRLF, the head at the first blank line after it.
+        line_end = buf.index(b"\r\n", at)
+        end = buf.index(b"\r\n\r\n", line_end) + 4
+        self._head_at = end  # where the body, if any, begins
+        if end - at > self._max_header_bytes:
+            raise _HeadTooLarge
+        state = self._fixed_state
+        fields = buf[line_end + 2:end - 2]
+        shape = fields.translate(_ZERO_DIGITS)
+        known = state.request_shapes.get(shape)
+        if known is None:
+            known = _request_known(fields, shape, state.request_shapes)
+        kept, framing, connection = known
+        if framing == _CHUNKED_BODY:
+            raise _FieldByFieldFrom(at)
+        parser = self._parser
+        method = parser.get_method()
+        keep_alive = parser.should_keep_alive()
+        # llhttp checked the request line: METHOD SP target SP HTTP/d.d
+        req = _Request(
+            method, None,
+            fields[kept[0]:kept[1]] if len(kept) == 2
+            else b"".join([fields[kept[i]:kept[i + 1]] for i in range(0, len(kept), 2)]),
+            False, keep_alive,
+            # An HTTP/1.0 agent keeps its connection only when it says so.
+            (connection is not None or not keep_alive) and buf[line_end - 3:line_end] == b"1.0",
+            buf[at + len(method) + 1:line_end - 9], self._fixed, state)
+        self._head_raw = 0
+        self._head_done(req, framing)
+
+    def _fields_done(self) -> None:
+        """A head read field by field (`_FieldByField`) is complete."""
         self._in_head = False
         self._heads += 1
         url = self._url
@@ -529,6 +631,11 @@ class HttpProxy(asyncio.Protocol):
         self._connection = None
         self._head_bytes = 0
         self._head_raw = 0
+        self._head_done(req, framed)
+
+    def _head_done(self, req: _Request, framed: bool | int) -> None:
+        """A request's head is in: queue it, answer it, or send it on (with its body
+        when one follows in the same read)."""
         self._parsing = req
         if req.tunnel:
             return  # the parser raises HttpParserUpgrade next: see _upgraded
@@ -536,6 +643,7 @@ class HttpProxy(asyncio.Protocol):
             self._queue.append(req)
             self._check_backlog()
             return
+        upstream = req.upstream
         if upstream is None:
             self._start(req)  # answered at once
             return
@@ -544,6 +652,7 @@ class HttpProxy(asyncio.Protocol):
         # is about ten Python calls fewer; anything else (another endpoint, no held
         # connection, flow control engaged) takes `_attempt` from the endpoint chosen.
         self._current = req
+        state = req.state
         now = req.started = self._loop.time()
         state.stats.active += 1
         for ep in upstream.endpoints:  # Upstream.choose, one call fewer
@@ -570,13 +679,14 @@ class HttpProxy(asyncio.Protocol):
         conn.got_bytes = False
         self._conn = conn
         head = b"%s %s HTTP/1.1\r\n%s%s\r\n" % (
-            method, target, host_line or state.host_lines[ep], fields)
+            req.method, req.target, req.host_line or state.host_lines[ep], req.fields)
         if framed:  # the body follows: one write with it, after this read
             self._wire.append(head)
         else:
             conn.transport.write(head)
 
     def on_body(self, body: bytes) -> None:
+        self._head_at += len(body)  # a body read from its head on is as it came
         req = self._parsing
         if req.done:
             return  # already answered (breaker, failure, early response): drain
@@ -1396,6 +1506,54 @@ def _known(head: bytes, shape: bytes, framings: dict[bytes, int | list]) -> int 
     if len(framings) >= _FRAMINGS_MAX:
         framings.clear()
     framings[shape] = known
+    return known
+
+
+def _request_known(fields: bytes, shape: bytes, shapes: dict[bytes, tuple]
+                   ) -> tuple[tuple[int, ...], int, bytes | None]:
+    """What a request's header lines (as llhttp accepted them, each with its CRLF) say,
+    kept in `shapes` under their `shape` (digits zeroed): (the spans of `fields` to
+    forward, in order, as start, end, start, end...; the framing: 0 none, 1 Content-Length, _CHUNKED_BODY; the
+    Connection value or None). Left out: Host (the endpoint's goes instead), hop-by-hop
+    fields and those Connection names. Kept only when the Connection value has no
+    digit, so that every request of that shape names the same fields."""
+    cut: list[tuple[int, int]] = []
+    framing = 0
+    connection = None
+    # Each line begins after a CRLF, the first one too.
+    for m in _REQUEST_FIELDS.finditer(b"\r\n" + fields.lower()):
+        name = m.group(1)
+        if name == b"content-length":
+            framing = framing or 1
+            continue
+        if name == b"transfer-encoding":
+            framing = _CHUNKED_BODY if b"chunked" in m.group(2).lower() else 1
+            continue
+        if name == b"connection":
+            value = m.group(2).strip()
+            connection = value if connection is None else b"%s, %s" % (connection, value)
+        start = m.start()  # in `fields`: the line's first byte
+        cut.append((start, fields.index(b"\r\n", start) + 2))
+    if connection is not None and connection not in _PLAIN_CONNECTION:
+        names = _listed(connection)
+        at = 0
+        for line in fields.split(b"\r\n")[:-1]:
+            if line[:line.index(b":")].lower() in names:
+                cut.append((at, at + len(line) + 2))
+            at += len(line) + 2
+        cut.sort()
+    kept: list[int] = []  # start, end, start, end, ...
+    at = 0
+    for start, end in cut:
+        if start > at:
+            kept += (at, start)
+        at = max(at, end)
+    kept += (at, len(fields))
+    known = (tuple(kept), framing, connection)
+    if connection is None or connection == connection.translate(_ZERO_DIGITS):
+        if len(shapes) >= _FRAMINGS_MAX:
+            shapes.clear()
+        shapes[shape] = known
     return known
 
 

@@ -10,20 +10,10 @@ import httptools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.protocol import generate
 from tests.protocol.rig import GET, OK, Rig
 
-HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-              b"upgrade", b"proxy-authorization", b"transfer-encoding", b"content-length"}
-
-_token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=6)
-_value = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789 /;=,.-", min_size=0,
-                 max_size=20).map(str.strip)
-
-
-def _spelling(name: str) -> st.SearchStrategy[str]:
-    """`name` as servers spell it: canonical, lower, upper, or any mix."""
-    return st.lists(st.booleans(), min_size=len(name), max_size=len(name)).map(
-        lambda ups: "".join(c.upper() if u else c.lower() for c, u in zip(name, ups)))
+HOP_BY_HOP = generate.HOP_BY_HOP
 
 
 @st.composite
@@ -38,36 +28,36 @@ def answers(draw) -> tuple[bytes, int, list[tuple[bytes, bytes]], bytes, str, bo
     fields: list[tuple[str, str]] = []
     end_to_end: list[tuple[bytes, bytes]] = []
     for _ in range(draw(st.integers(0, 6))):
-        name = "X-" + draw(_token)
-        value = draw(_value)
+        name = "X-" + draw(generate.token)
+        value = draw(generate.value)
         fields.append((name, value))
         end_to_end.append((name.lower().encode(), value.encode()))
     connection = []
     if draw(st.booleans()):
         fields.insert(draw(st.integers(0, len(fields))),
-                      (draw(_spelling("Keep-Alive")), "timeout=5, max=100"))
+                      (draw(generate.spelling("Keep-Alive")), "timeout=5, max=100"))
     if draw(st.booleans()):  # a field only for this hop, named by Connection
-        private = "X-Hop-" + draw(_token)
+        private = "X-Hop-" + draw(generate.token)
         fields.insert(draw(st.integers(0, len(fields))), (private, "1"))
-        connection.append(draw(_spelling(private)))
+        connection.append(draw(generate.spelling(private)))
     upstream_closes = framing == "close"
     if upstream_closes or draw(st.integers(0, 4)) == 0:
         connection.append("close")
         upstream_closes = True
     elif draw(st.booleans()):
-        connection.append(draw(_spelling("keep-alive")))
+        connection.append(draw(generate.spelling("keep-alive")))
     elif version == "1.0":
         upstream_closes = True  # an HTTP/1.0 server keeps only when it says keep-alive
     if connection:
         fields.insert(draw(st.integers(0, len(fields))),
-                      (draw(_spelling("Connection")), ", ".join(connection)))
+                      (draw(generate.spelling("Connection")), ", ".join(connection)))
     if framing == "length":
         fields.insert(draw(st.integers(0, len(fields))),
-                      (draw(_spelling("Content-Length")), str(len(body))))
+                      (draw(generate.spelling("Content-Length")), str(len(body))))
         wire_body = body
     elif framing == "chunked":
         fields.insert(draw(st.integers(0, len(fields))),
-                      (draw(_spelling("Transfer-Encoding")), "chunked"))
+                      (draw(generate.spelling("Transfer-Encoding")), "chunked"))
         cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=4)))
         parts = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)]) if b > a]
         wire_body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"

@@ -11,20 +11,10 @@ import httptools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.protocol import generate
 from tests.protocol.rig import OK, Rig
 
-HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-              b"upgrade", b"proxy-authorization", b"transfer-encoding", b"content-length",
-              b"host"}
-
-_token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=6)
-_value = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789 /;=,.-*", min_size=0,
-                 max_size=20).map(str.strip)
-
-
-def _spelling(name: str) -> st.SearchStrategy[str]:
-    return st.lists(st.booleans(), min_size=len(name), max_size=len(name)).map(
-        lambda ups: "".join(c.upper() if u else c.lower() for c, u in zip(name, ups)))
+HOP_BY_HOP = generate.HOP_BY_HOP | {b"host"}
 
 
 @st.composite
@@ -33,28 +23,28 @@ def requests(draw) -> tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]], byte
     method = draw(st.sampled_from(["GET", "GET", "POST", "PUT", "DELETE", "HEAD"]))
     target = "/" + draw(st.text(alphabet="abcdefghij/?=&", max_size=12))
     body = draw(st.binary(max_size=200)) if method in ("POST", "PUT") else b""
-    fields: list[tuple[str, str]] = [(draw(_spelling("Host")), "127.0.0.1:18081")]
+    fields: list[tuple[str, str]] = [(draw(generate.spelling("Host")), "127.0.0.1:18081")]
     for _ in range(draw(st.integers(0, 5))):
-        fields.insert(draw(st.integers(0, len(fields))), ("X-" + draw(_token), draw(_value)))
+        fields.insert(draw(st.integers(0, len(fields))), ("X-" + draw(generate.token), draw(generate.value)))
     # Fields that are only for the hop to the proxy, in any spelling.
-    connection = [draw(_spelling("keep-alive"))] if draw(st.booleans()) else []
+    connection = [draw(generate.spelling("keep-alive"))] if draw(st.booleans()) else []
     if draw(st.booleans()):
-        private = "X-Hop-" + draw(_token)
+        private = "X-Hop-" + draw(generate.token)
         fields.insert(draw(st.integers(0, len(fields))), (private, "1"))
-        connection.append(draw(_spelling(private)))
+        connection.append(draw(generate.spelling(private)))
     for name, value in (("Keep-Alive", "timeout=5"), ("Proxy-Authorization", "Basic eA=="),
                         ("TE", "trailers")):
         if draw(st.integers(0, 3)) == 0:
-            fields.insert(draw(st.integers(0, len(fields))), (draw(_spelling(name)), value))
+            fields.insert(draw(st.integers(0, len(fields))), (draw(generate.spelling(name)), value))
     if connection:
         fields.insert(draw(st.integers(0, len(fields))),
-                      (draw(_spelling("Connection")), ", ".join(connection)))
+                      (draw(generate.spelling("Connection")), ", ".join(connection)))
     if body or method in ("POST", "PUT"):
         if draw(st.booleans()):
-            fields.append((draw(_spelling("Content-Length")), str(len(body))))
+            fields.append((draw(generate.spelling("Content-Length")), str(len(body))))
             wire_body = body
         else:
-            fields.append((draw(_spelling("Transfer-Encoding")), "chunked"))
+            fields.append((draw(generate.spelling("Transfer-Encoding")), "chunked"))
             cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
             parts = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)]) if b > a]
             wire_body = (b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
