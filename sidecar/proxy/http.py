@@ -1548,7 +1548,8 @@ def _request_known(fields: bytes, shape: bytes, shapes: dict[bytes, tuple]
         if start > at:
             kept += (at, start)
         at = max(at, end)
-    kept += (at, len(fields))
+    if at < len(fields) or not kept:
+        kept += (at, len(fields))
     known = (tuple(kept), framing, connection)
     if connection is None or connection == connection.translate(_ZERO_DIGITS):
         if len(shapes) >= _FRAMINGS_MAX:
