@@ -568,10 +568,12 @@ class HttpProxy(asyncio.Protocol):
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
         # llhttp checked the request line: METHOD SP target SP HTTP/d.d
+        n = len(kept)  # one span (Host first, hop-by-hop last, as http.client sends) or two
         req = _Request(
             method, None,
-            fields[kept[0]:kept[1]] if len(kept) == 2
-            else b"".join([fields[kept[i]:kept[i + 1]] for i in range(0, len(kept), 2)]),
+            fields[kept[0]:kept[1]] if n == 2
+            else fields[kept[0]:kept[1]] + fields[kept[2]:kept[3]] if n == 4
+            else b"".join([fields[kept[i]:kept[i + 1]] for i in range(0, n, 2)]),
             False, keep_alive,
             # An HTTP/1.0 agent keeps its connection only when it says so.
             (connection is not None or not keep_alive) and buf[line_end - 3:line_end] == b"1.0",
