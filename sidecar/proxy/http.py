@@ -9,9 +9,12 @@ CONNECT tunnel handed to the L4 relay.
 
 The one idea: two asyncio Protocols and no tasks per request. `HttpProxy` is one agent
 connection, `_UpstreamConnection` one pooled connection to an endpoint, each with one
-httptools parser for its whole life; an exchange is plain state (`_Request`) with a
-deadline, watched by one timer per agent connection. Bytes are rewritten only where HTTP
-demands it (the head, chunk framing) and gathered into one `write()` per read. The
+httptools parser (an agent connection's is replaced once, after a chunked request: see
+`HttpProxy.on_headers_complete`); an exchange is plain state (`_Request`) with a
+deadline, watched by one timer per agent connection. Heads are read from their bytes once
+llhttp has accepted them, not a Python callback per field, and what a head's fields say
+is kept per upstream by the head's shape. Bytes are rewritten only where HTTP demands it
+(the head, chunk framing) and gathered into one `write()` per read. The
 policy objects are asked at the three points where a decision is due: before a call
 (`choose`), when a call fails before any response byte (`may_retry`, the retry budget),
 and when it ends (`record`).
