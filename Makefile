@@ -3,6 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The sidecar's hot path, compiled by mypyc beside its sources (sidecar/compile.py,
+# which keeps the stamp); rebuilt whenever a sidecar source is newer. PURE_PYTHON=1
+# removes it instead: the sources run.
+ifeq ($(PURE_PYTHON),1)
+COMPILED := pure-python
+else
+COMPILED := sidecar/.compiled-stamp
+endif
+SIDECAR_SRC := $(wildcard sidecar/*.py sidecar/*/*.py)
 # Debian packages for the real components: the tests use systemd-analyze (unit files),
 # nft and ip (transparent interception in network namespaces); the hot-path benchmark
 # compares against HAProxy, with nginx as the upstream and wrk as the load, and counts
@@ -10,15 +19,22 @@ STAMP := $(VENV)/.installed-stamp
 TEST_DEBS := systemd:systemd-analyze nftables:nft iproute2:ip util-linux:setpriv
 BENCH_DEBS := haproxy:haproxy wrk:wrk nginx-light:nginx valgrind:valgrind
 
-.PHONY: install system-deps bench-deps demo test bench clean
+.PHONY: install system-deps bench-deps demo test bench clean pure-python
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,compile]'
 	touch $(STAMP)
 
-install: $(STAMP)
+sidecar/.compiled-stamp: $(STAMP) $(SIDECAR_SRC)
+	@$(BIN)/python -m sidecar.compile || { echo "the hot path did not compile (see above);" \
+	  "PURE_PYTHON=1 make ... installs without compiling (same behaviour, more CPU)"; exit 1; }
+
+pure-python: $(STAMP)
+	$(BIN)/python -m sidecar.compile --remove
+
+install: $(STAMP) $(COMPILED)
 
 # Installs missing Debian packages (package:command pairs) when run as root; otherwise
 # says what is missing, and the tests that need them skip with that reason.
@@ -38,19 +54,24 @@ system-deps:
 bench-deps:
 	$(call ensure_debs,$(BENCH_DEBS))
 
-demo: $(STAMP)
+demo: $(STAMP) $(COMPILED)
 	config/demo/demo.sh
 
 # The project's own files must hold no plaintext credential (tests plant some on purpose).
-test: $(STAMP) system-deps
+# The whole suite runs on the hot path as installed (compiled unless PURE_PYTHON=1);
+# the unit and protocol tests run again on its sources, the fallback.
+test: $(STAMP) $(COMPILED) system-deps
 	$(BIN)/agentvisor scan config systemd supervisor sidecar bench README.md
-	$(BIN)/python -m pytest -q
+	AGENTVISOR_EXPECT_COMPILED=$(if $(filter 1,$(PURE_PYTHON)),0,1) $(BIN)/python -m pytest -q
+	AGENTVISOR_PURE_PYTHON=1 AGENTVISOR_EXPECT_COMPILED=0 $(BIN)/python -m pytest -q \
+	  tests/unit tests/protocol
 
-bench: $(STAMP) bench-deps
+bench: $(STAMP) $(COMPILED) bench-deps
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/restart.py
 	$(BIN)/python bench/l7_instructions.py
 	$(BIN)/python bench/hot_path.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	-$(BIN)/python -m sidecar.compile --remove
+	rm -rf $(VENV) .demo .pytest_cache build

@@ -620,6 +620,10 @@ def machine() -> dict:
         "git": commit + ("+dirty sidecar/" if dirty else ""),
         "nginx": version(["nginx", "-v"]), "haproxy": version(["haproxy", "-v"]),
         "wrk": version(["wrk", "-v"]),
+        # The sidecar imports from this tree with this environment, as we do here.
+        "sidecar_hot_path": "compiled" if version(
+            [sys.executable, "-c", "import sidecar; print(sidecar.compiled())"]) == "True"
+        else "interpreted",
     }
 
 
@@ -745,7 +749,7 @@ def main() -> int:
     head, rows = target_rows(medians, names)
     chead, crows = comparison_rows(comparisons)
     note = (f"median of {plan['rounds']} interleaved rounds x {plan['duration_s']} s; "
-            f"wrk -t1, per-request latency, "
+            f"sidecar hot path {info['sidecar_hot_path']}; wrk -t1, per-request latency, "
             f"{'a bare GET' if args.bare_request else 'GETs with python-requests fields'}; "
             f"saturation = {SATURATION_CONNS} connections; "
             f"added = paired difference to direct in the same round")

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
+import sidecar  # noqa: E402  (from this tree)
+
 _REQUESTS_GET = (b"GET /registry/agents HTTP/1.1\r\nHost: 127.0.0.1:18081\r\n"
                  b"User-Agent: python-requests/2.32.3\r\nAccept-Encoding: gzip, deflate\r\n"
                  b"Accept: */*\r\nConnection: keep-alive\r\n\r\n")
@@ -206,7 +208,8 @@ def main() -> int:
               flush=True)
         small, large = instructions(case, SMALL), instructions(case, LARGE)
         rows[case] = {"instructions_per_request": round((large - small) / (LARGE - SMALL))}
-    print(f"\n{'case':8s} {'instructions/request':>21s}")
+    print(f"\nhot path {'compiled' if sidecar.compiled() else 'interpreted'}")
+    print(f"{'case':8s} {'instructions/request':>21s}")
     for case, r in rows.items():
         print(f"{case:8s} {r['instructions_per_request']:21,d}")
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -214,6 +217,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "l7_instructions.json").write_text(json.dumps(
         {"git": git, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+         "hot_path": "compiled" if sidecar.compiled() else "interpreted",
          "exchanges": [SMALL, LARGE], "cases": rows}, indent=2) + "\n")
     print(f"\nJSON: {args.out / 'l7_instructions.json'}")
     return 0

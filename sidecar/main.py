@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from sidecar import control
+from sidecar import compiled, control
 from sidecar.config import Protocol, SidecarSettings, parse_sidecar, parse_upstreams
 from sidecar.routing import Router
 from sidecar.upstream import Upstream
@@ -169,7 +169,10 @@ async def run(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await sidecar.start()
-    log.info("ready: %d upstreams", len(upstreams))
+    # Which hot path runs is the first thing to know when CPU per request looks wrong.
+    log.info("ready: %d upstreams; hot path %s", len(upstreams),
+             "compiled (mypyc)" if compiled() else "interpreted (run `make install` to "
+             "compile it, unless AGENTVISOR_PURE_PYTHON=1 is meant)")
     await stop.wait()
     log.info("draining")
     await sidecar.drain()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -157,7 +157,7 @@ class SidecarCollector:
         return iter(fams)
 
 
-def _families() -> tuple[Metric, ...]:
+def _families() -> tuple[Any, ...]:  # the families' own types, by position
     up, upb = ["upstream"], ["breaker", "upstream"]
     return (
         CounterMetricFamily(PREFIX + "requests", "Requests (L7) or connections (L4) "

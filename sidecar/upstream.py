@@ -8,6 +8,8 @@ Policy arithmetic stays in `policy/`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sidecar.config import UpstreamPolicy
 from sidecar.metrics import UpstreamStats
 from sidecar.policy.breaker import Breaker, BreakerState
@@ -34,6 +36,9 @@ class Upstream:
         self.endpoints = [Endpoint(policy.name, h, p, policy) for h, p in policy.endpoints]
         self.stats = UpstreamStats(policy.name)
         self.retry_budget = RetryBudget(policy.retry)
+        # What the L7 proxy keeps for this upstream (pools, caches): its own business,
+        # kept here so that it lives exactly as long as the Upstream.
+        self.l7_state: Any = None
 
     def choose(self, now: float) -> Endpoint | None:
         """The nearest endpoint whose breaker admits a call now; None if all are open.

@@ -26,7 +26,6 @@ import asyncio
 import logging
 import math
 import re
-import weakref
 from collections import OrderedDict, deque
 from http import HTTPStatus
 from typing import Callable
@@ -102,6 +101,8 @@ _REQUEST_FIELDS = re.compile(
     rb"\r\n(host|connection|keep-alive|proxy-connection|te|trailer|upgrade"
     rb"|proxy-authorization|transfer-encoding|content-length):[ \t]*([^\r]*)")
 _CHUNKED_BODY = 2
+# What a request head's fields say: see `_request_known`.
+_RequestShape = tuple[tuple[int, ...], int, bytes | None]
 
 # Answer heads by shape (digits zeroed) -> framing, per upstream; cleared when full.
 _ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
@@ -192,9 +193,9 @@ class _UpstreamState:
         self.pools: dict[Endpoint, list[_UpstreamConnection]] = {}
         # How this upstream's answers are framed, by the shape of their head: see
         # `_UpstreamConnection.on_headers_complete`.
-        self.framings: dict[bytes, int] = {}
+        self.framings: dict[bytes, int | list[tuple[bytes, bytes]]] = {}
         # The same for requests' fields: see `_request_known`.
-        self.request_shapes: dict[bytes, tuple] = {}
+        self.request_shapes: dict[bytes, _RequestShape] = {}
         self.host_lines = {ep: b"Host: %s\r\n" % ep.label.encode() for ep in upstream.endpoints}
         fallback = policy.fallback
         self.last_good: OrderedDict[bytes, bytes] | None = (
@@ -231,7 +232,8 @@ class _UpstreamState:
         pool = self.pools.get(ep)
         while pool:
             conn = pool.pop()
-            if not conn.dead and not conn.transport.is_closing():
+            transport = conn.transport
+            if not conn.dead and transport is not None and not transport.is_closing():
                 return conn
         return None
 
@@ -243,27 +245,24 @@ class _UpstreamState:
             conn.close()
             return
         if conn.reading_paused:  # an idle connection must read, to see the upstream close
-            conn.reading_paused = False
-            conn.transport.resume_reading()
+            conn.resume_reading()
         pool.append(conn)
 
     def remember(self, target: bytes, response: bytes) -> None:
         cache = self.last_good
+        assert cache is not None  # only LAST_GOOD upstreams remember
         cache[target] = response
         cache.move_to_end(target)
         if len(cache) > LAST_GOOD_ENTRIES:
             cache.popitem(last=False)
 
 
-# Per-upstream L7 state, keyed weakly: an Upstream the router forgets takes its pools
-# and cache with it, and Upstream/Endpoint stay free of proxy internals.
-_states: weakref.WeakKeyDictionary[Upstream, _UpstreamState] = weakref.WeakKeyDictionary()
-
-
 def _state_of(upstream: Upstream) -> _UpstreamState:
-    state = _states.get(upstream)
+    """The L7 state of `upstream`, made on first use. It hangs on the Upstream (opaque
+    to it), so an Upstream the router forgets takes its pools and cache with it."""
+    state = upstream.l7_state
     if state is None:
-        state = _states[upstream] = _UpstreamState(upstream)
+        state = upstream.l7_state = _UpstreamState(upstream)
     return state
 
 
@@ -445,7 +444,7 @@ class HttpProxy(asyncio.Protocol):
 
     # --- the agent's transport -----------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._transport = transport
         transport.set_write_buffer_limits(self._max_pending_bytes)
 
@@ -525,16 +524,14 @@ class HttpProxy(asyncio.Protocol):
         # The agent reads slower than the upstream answers: stop reading the upstream.
         self._agent_blocked = True
         conn = self._conn
-        if conn is not None and conn.transport is not None and not conn.reading_paused:
-            conn.reading_paused = True
-            conn.transport.pause_reading()
+        if conn is not None and not conn.reading_paused:
+            conn.pause_reading()
 
     def resume_writing(self) -> None:
         self._agent_blocked = False
         conn = self._conn
         if conn is not None and conn.reading_paused:
-            conn.reading_paused = False
-            conn.transport.resume_reading()
+            conn.resume_reading()
 
     # --- the request parser's callbacks ----------------------------------------------
 
@@ -560,6 +557,7 @@ class HttpProxy(asyncio.Protocol):
         if end - at > self._max_header_bytes:
             raise _HeadTooLarge
         state = self._fixed_state
+        assert state is not None  # lean: a per-upstream listener
         fields = buf[line_end + 2:end - 2]
         shape = fields.translate(_ZERO_DIGITS)
         known = state.request_shapes.get(shape)
@@ -659,6 +657,7 @@ class HttpProxy(asyncio.Protocol):
         # connection, flow control engaged) takes `_attempt` from the endpoint chosen.
         self._current = req
         state = req.state
+        assert state is not None  # routed
         now = req.started = self._loop.time()
         state.stats.active += 1
         for ep in upstream.endpoints:  # Upstream.choose, one call fewer
@@ -673,8 +672,9 @@ class HttpProxy(asyncio.Protocol):
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
         conn = self._held
-        if (conn is None or conn.endpoint is not ep or conn.dead or self._paused
-                or self._agent_blocked or conn.transport.is_closing()):
+        transport = conn.transport if conn is not None else None
+        if (conn is None or transport is None or conn.endpoint is not ep or conn.dead
+                or self._paused or self._agent_blocked or transport.is_closing()):
             self._attempt(req, ep, fresh=False)
             return
         self._held = None
@@ -689,11 +689,12 @@ class HttpProxy(asyncio.Protocol):
         if framed:  # the body follows: one write with it, after this read
             self._wire.append(head)
         else:
-            conn.transport.write(head)
+            transport.write(head)
 
     def on_body(self, body: bytes) -> None:
         self._head_at += len(body)  # a body read from its head on is as it came
         req = self._parsing
+        assert req is not None
         if req.done:
             return  # already answered (breaker, failure, early response): drain
         part = b"%x\r\n%b\r\n" % (len(body), body) if req.chunked else body
@@ -702,6 +703,7 @@ class HttpProxy(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_head = True
         req = self._parsing
+        assert req is not None
         req.complete = True
         if req.chunked and not req.done:
             self._add_body(req, _LAST_CHUNK)  # trailers are not forwarded
@@ -717,8 +719,10 @@ class HttpProxy(asyncio.Protocol):
         if req is self._current:
             self._wire.append(part)
             self._wire_bytes += n
-            if self._wire_bytes > self._max_pending_bytes and self._conn.transport is None:
-                self._check_backlog()  # still connecting: bytes pile up here
+            if self._wire_bytes > self._max_pending_bytes:
+                conn = self._conn
+                if conn is not None and conn.transport is None:
+                    self._check_backlog()  # still connecting: bytes pile up here
         else:
             self._queued_bytes += n
             if self._queued_bytes > self._max_pending_bytes:
@@ -738,6 +742,7 @@ class HttpProxy(asyncio.Protocol):
             return
         now = req.started = self._loop.time()
         state = req.state
+        assert state is not None  # routed
         state.stats.active += 1
         ep = upstream.choose(now)
         if ep is None:
@@ -755,10 +760,13 @@ class HttpProxy(asyncio.Protocol):
         req.endpoint = ep
         req.admitted = True
         state = req.state
+        assert state is not None  # routed
         conn = self._held
         if conn is not None:
             self._held = None
-            if fresh or conn.endpoint is not ep or conn.dead or conn.transport.is_closing():
+            transport = conn.transport
+            if (fresh or conn.endpoint is not ep or conn.dead or transport is None
+                    or transport.is_closing()):
                 conn.state.checkin(conn)  # closes it if dead
                 conn = None
         if conn is None and not fresh:
@@ -781,9 +789,8 @@ class HttpProxy(asyncio.Protocol):
         if replay:
             wire += replay
         self._wire_bytes = req.body_bytes
-        if self._agent_blocked and conn.transport is not None:
-            conn.reading_paused = True
-            conn.transport.pause_reading()
+        if self._agent_blocked:
+            conn.pause_reading()
 
     def _flush_wire(self) -> None:
         conn = self._conn
@@ -794,6 +801,7 @@ class HttpProxy(asyncio.Protocol):
         wire.clear()
         self._wire_bytes = 0
         req = self._current
+        assert req is not None  # a connection is only ever held for an exchange
         if req.replay is not None and req.body_bytes > self._max_pending_bytes:
             req.replay = None  # sent and too big to keep: this request is not resent
         if self._paused & _BACKLOG:
@@ -801,19 +809,20 @@ class HttpProxy(asyncio.Protocol):
 
     def _connected(self, conn: _UpstreamConnection) -> None:
         if self._agent_blocked:
-            conn.reading_paused = True
-            conn.transport.pause_reading()
+            conn.pause_reading()
         self._flush_wire()
 
     def _reject(self, req: _Request) -> None:
         """Every endpoint's breaker is open: the fallback, else 503 naming the breaker."""
         state = req.state
+        assert state is not None  # routed
         kind = state.policy.fallback.kind
         outcome = Outcome.FALLBACK
         reply = None
         if kind is FallbackKind.STATIC:
             reply = state.static
         elif kind is FallbackKind.LAST_GOOD and req.method == b"GET":
+            assert state.last_good is not None
             reply = state.last_good.get(req.target)
         if reply is None:
             reply, outcome = state.rejection, Outcome.REJECTED
@@ -844,6 +853,7 @@ class HttpProxy(asyncio.Protocol):
         else:
             req.done = True
             self._reply.clear()  # a head not yet written gives way to the 504
+            assert req.state is not None  # routed
             self._reply.append(req.state.timed_out)
             self._finish(req, Outcome.FAILED)
 
@@ -851,6 +861,9 @@ class HttpProxy(asyncio.Protocol):
         """`conn` failed the current exchange (refused, connect timeout, reset,
         malformed): resend if that is safe, else answer 502/504."""
         req = self._current
+        assert req is not None  # only an exchange holds a connection
+        state, upstream, ep = req.state, req.upstream, req.endpoint
+        assert state is not None and upstream is not None and ep is not None
         got_bytes = conn.got_bytes
         self._drop_conn()
         if req.replied:
@@ -863,52 +876,52 @@ class HttpProxy(asyncio.Protocol):
             # A pooled connection the upstream closed as we reused it says nothing about
             # the upstream's health: once, on a new connection, same admission.
             req.fresh_retry = True
-            self._attempt(req, req.endpoint, fresh=True)  # flushed once connected
+            self._attempt(req, ep, fresh=True)  # flushed once connected
             return
         self._failure(req, kind)
-        upstream = req.upstream
-        settings = req.state.policy.retry
+        settings = state.policy.retry
         if req.replay is not None and may_retry(req.method, not got_bytes, req.attempt + 1,
                                                 settings):
             now = self._loop.time()
             if upstream.retry_budget.withdraw(now):
-                ep = _choose_other(upstream, req.endpoint, now)
-                if ep is not None:
+                other = _choose_other(upstream, ep, now)
+                if other is not None:
                     req.attempt += 1
-                    req.state.stats.retried()
-                    self._attempt(req, ep, fresh=False)
+                    state.stats.retried()
+                    self._attempt(req, other, fresh=False)
                     self._flush_wire()
                     return
             else:
-                req.state.stats.retry_denied()
+                state.stats.retry_denied()
         req.done = True
         self._reply.clear()
-        self._reply.append(req.state.failure_reply(kind))
+        self._reply.append(state.failure_reply(kind))
         self._finish(req, Outcome.FAILED)
 
     def _failure(self, req: _Request, kind: FailureKind) -> None:
-        ep = req.endpoint
+        ep, state = req.endpoint, req.state
+        assert ep is not None and state is not None  # an attempt was made
         if req.admitted:
             req.admitted = False
             ep.breaker.record(False, self._loop.time(), kind.value)
-        req.state.stats.failed(kind, ep.label)
+        state.stats.failed(kind, ep.label)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: %s: %s", req.state.stats.upstream, ep.label, kind.value)
+            log.debug("%s: %s: %s", state.stats.upstream, ep.label, kind.value)
 
     def _response_done(self, conn: _UpstreamConnection, reusable: bool,
                        close_agent: bool) -> None:
         """The whole response is relayed: the verdict, the connection back to the pool."""
         req = self._current
+        assert req is not None and req.endpoint is not None
         self._conn = None
         conn.proxy = None
         if not (reusable and req.complete):
             conn.close()
         elif close_agent or self._transport is None:
-            req.state.checkin(conn)
+            conn.state.checkin(conn)
         else:
             if conn.reading_paused:  # idle, it must read, to see the upstream close
-                conn.reading_paused = False
-                conn.transport.resume_reading()
+                conn.resume_reading()
             self._held = conn
         if req.failed_status:
             self._failure(req, FailureKind.STATUS)
@@ -922,6 +935,7 @@ class HttpProxy(asyncio.Protocol):
 
     def _finish(self, req: _Request, outcome: Outcome, close: bool = False,
                 cut: bool = False) -> None:
+        assert req.state is not None  # routed
         stats = req.state.stats
         stats.active -= 1
         stats.done(outcome, self._loop.time() - req.started)
@@ -951,8 +965,14 @@ class HttpProxy(asyncio.Protocol):
             transport.write(self._owed)
             transport.close()
             return
-        if self._advancing:
-            return  # called from the loop below (a queued request answered at once)
+        if not self._advancing:  # else called from _advance (a queued request answered)
+            self._advance()
+
+    def _advance(self) -> None:
+        """The next requests' turn, in order, until one is in flight."""
+        # A method of its own, not the end of `_end`: there `_current` was just set to
+        # None, and a type checker (and mypyc's compiled code) would take it to stay None
+        # across the `_start` calls below.
         self._advancing = True
         try:
             queue = self._queue
@@ -986,8 +1006,10 @@ class HttpProxy(asyncio.Protocol):
         self._current = None
         req.done = True
         self._drop_conn()
+        assert req.state is not None  # routed
         if req.admitted:
             req.admitted = False
+            assert req.endpoint is not None
             req.endpoint.breaker.release()
         stats = req.state.stats
         stats.active -= 1
@@ -1014,6 +1036,7 @@ class HttpProxy(asyncio.Protocol):
         self._queue.clear()
         req = self._current
         transport = self._transport
+        assert transport is not None  # from data_received
         if req is not None and req is self._parsing and not req.complete:
             # What broke is the body of the request in flight: it cannot be completed.
             self._abandon(req, Outcome.BAD_REQUEST)
@@ -1035,6 +1058,7 @@ class HttpProxy(asyncio.Protocol):
 
     def _upgraded(self, rest: bytes) -> None:
         req = self._parsing
+        assert req is not None
         if not req.tunnel:
             # Another protocol was asked for; Upgrade is not forwarded, so the upstream
             # answers in HTTP/1.1 and what follows is the next request.
@@ -1052,6 +1076,7 @@ class HttpProxy(asyncio.Protocol):
         host, port = _host_port(req.target)
         upstream = self._routed(host, port) if port else None
         transport = self._transport
+        assert transport is not None  # from data_received
         if upstream is None:
             if port and self._on_unrouted is not None:
                 self._on_unrouted(host, port)
@@ -1159,7 +1184,8 @@ class _UpstreamConnection(asyncio.Protocol):
         self._connect_timer = None
         if self.transport is None and not self.dead:
             self.dead = True
-            self._connecting.cancel()
+            if self._connecting is not None:
+                self._connecting.cancel()
             if self.proxy is not None:
                 self.proxy._upstream_failed(self, FailureKind.CONNECT_TIMEOUT)
 
@@ -1182,16 +1208,17 @@ class _UpstreamConnection(asyncio.Protocol):
 
     # --- the upstream's transport ----------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None
-        if self.dead:  # given up (deadline, agent gone) as the connection came up
+        proxy = self.proxy
+        if self.dead or proxy is None:  # given up (deadline, agent gone) as it came up
             transport.abort()
             return
         transport.set_write_buffer_limits(self.state.policy.max_pending_bytes)
-        self.proxy._connected(self)
+        proxy._connected(self)
 
     def data_received(self, data: bytes) -> None:
         proxy = self.proxy
@@ -1255,6 +1282,18 @@ class _UpstreamConnection(asyncio.Protocol):
         if self.proxy is not None:
             self.proxy._resume(_UPSTREAM_FULL)
 
+    def pause_reading(self) -> None:
+        """Stop reading the upstream (the agent reads slower than it answers); a
+        connection still connecting starts paused."""
+        self.reading_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+
     def close(self) -> None:
         self.dead = True
         if self.transport is not None:
@@ -1296,6 +1335,8 @@ class _UpstreamConnection(asyncio.Protocol):
             raise _HeadTooLarge
         self.head_raw = 0
         req = proxy._current
+        if req is None:
+            raise _BadMessage  # an exchange ended early (say, at a 504) has no answer
         status = self.parser.get_status_code()
         reply = proxy._reply
         if status < 200:
@@ -1397,13 +1438,16 @@ class _UpstreamConnection(asyncio.Protocol):
         proxy = self.proxy
         if proxy is None:
             return  # HEAD: done at the head
+        req = proxy._current
+        ep = req.endpoint if req is not None else None
+        if req is None or ep is None:
+            raise _BadMessage  # as in on_headers_complete
         if self.mode is _RECHUNK:
             proxy._reply.append(_LAST_CHUNK)
         capture = self.capture
         if capture is not None:
             self.capture = None
-            self._remember(proxy._current.target, capture)
-        req = proxy._current
+            self._remember(req.target, capture)
         transport = proxy._transport
         if (req.failed_status or self.close_agent or self.reading_paused or transport is None
                 or proxy._queue or proxy._paused or proxy._owed is not None or proxy._eof
@@ -1419,7 +1463,7 @@ class _UpstreamConnection(asyncio.Protocol):
         req.admitted = False
         req.done = True
         now = self.loop.time()
-        breaker = req.endpoint.breaker
+        breaker = ep.breaker
         if not breaker.closed:
             breaker.record(True, now)
         stats = self.state.stats
@@ -1485,7 +1529,8 @@ def _host_port(authority: bytes) -> tuple[bytes, int]:
     return host, int(port) if port.isdigit() and 0 < int(port) < 65536 else 0
 
 
-def _known(head: bytes, shape: bytes, framings: dict[bytes, int | list]) -> int | list:
+def _known(head: bytes, shape: bytes, framings: dict[bytes, int | list[tuple[bytes, bytes]]]
+           ) -> int | list[tuple[bytes, bytes]]:
     """What an answer head's framing and hop-by-hop fields say, kept in `framings` under
     its `shape` (the head with digits zeroed): _AS_IS (Content-Length) or _RECHUNK
     (chunked) when it may go to the agent as it came, else the fields themselves
@@ -1515,8 +1560,8 @@ def _known(head: bytes, shape: bytes, framings: dict[bytes, int | list]) -> int 
     return known
 
 
-def _request_known(fields: bytes, shape: bytes, shapes: dict[bytes, tuple]
-                   ) -> tuple[tuple[int, ...], int, bytes | None]:
+def _request_known(fields: bytes, shape: bytes, shapes: dict[bytes, _RequestShape]
+                   ) -> _RequestShape:
     """What a request's header lines (as llhttp accepted them, each with its CRLF) say,
     kept in `shapes` under their `shape` (digits zeroed): (the spans of `fields` to
     forward, in order, as start, end, start, end...; the framing: 0 none, 1 Content-Length, _CHUNKED_BODY; the
@@ -1603,8 +1648,8 @@ def _listed(connection: bytes) -> set[bytes]:
 def _without(fields: bytes, names: frozenset[bytes] | set[bytes]) -> bytes:
     """`fields` (header lines llhttp accepted, each with its CRLF) without those whose
     lower-case name is in `names`."""
-    return b"".join(line + b"\r\n" for line in fields.split(b"\r\n")[:-1]
-                    if line[:line.index(b":")].lower() not in names)
+    return b"".join([line + b"\r\n" for line in fields.split(b"\r\n")[:-1]
+                     if line[:line.index(b":")].lower() not in names])
 
 
 def serve_upstream(upstream: Upstream) -> Callable[[], HttpProxy]:
@@ -1614,7 +1659,8 @@ def serve_upstream(upstream: Upstream) -> Callable[[], HttpProxy]:
     return lambda: HttpProxy(route)
 
 
-def serve_forward(route: Callable[[bytes, int], Upstream | None]) -> Callable[[], HttpProxy]:
+def serve_forward(route: Callable[[bytes | None, int | None], Upstream | None]
+                  ) -> Callable[[], HttpProxy]:
     """The protocol factory of the forward proxy (HTTP_PROXY): absolute-form targets go
     to `route(host, port)`, in origin-form; CONNECT host:port becomes an L4 tunnel."""
     return lambda: HttpProxy(route, forward=True)

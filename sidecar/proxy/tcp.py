@@ -58,13 +58,17 @@ class TcpRelay(asyncio.Protocol):
         "_agent_eof", "_up_eof",
     )
 
+    # The loop's clock, bound once in connection_made, before anything reads it. Declared
+    # here rather than set to None in __init__: it is read per relayed chunk, where a
+    # None check would cost.
+    _time: Callable[[], float]
+
     def __init__(self, upstream: Upstream, *, greeting: bytes | None = None,
                  refusal: Callable[[str], bytes] | None = None):
         self._upstream = upstream
         self._greeting = greeting  # written to the agent once the upstream is connected
         self._refusal = refusal  # reason -> bytes for the agent when nothing can be relayed
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._time: Callable[[], float] | None = None  # the loop's clock, bound once
 
         self._agent: asyncio.Transport | None = None
         self._up: asyncio.Transport | None = None
@@ -84,7 +88,7 @@ class TcpRelay(asyncio.Protocol):
 
     # --- the agent's transport -----------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         loop = self._loop = asyncio.get_running_loop()
         self._time = loop.time
         now = self._started = loop.time()
@@ -118,7 +122,9 @@ class TcpRelay(asyncio.Protocol):
                 pending.append(data)
             self._pending_bytes += len(data)
             if self._pending_bytes > self._upstream.policy.max_pending_bytes:
-                self._agent.pause_reading()
+                agent = self._agent
+                assert agent is not None  # set in connection_made
+                agent.pause_reading()
         # _CLOSED: the relay is over and the bytes have nowhere to go.
 
     def eof_received(self) -> bool:
@@ -138,15 +144,20 @@ class TcpRelay(asyncio.Protocol):
         self._state = _CLOSED
         if state is _CONNECTING:
             # The agent left before the verdict: the admitted call ends with none.
-            self._timer.cancel()
-            self._connect.cancel()
-            self._ep.breaker.release()
+            timer, connect, ep = self._timer, self._connect, self._ep
+            # connection_made chose an endpoint, armed the deadline and started the connect
+            assert timer is not None and connect is not None and ep is not None
+            timer.cancel()
+            connect.cancel()
+            ep.breaker.release()
         elif state is _RELAYING:
-            self._timer.cancel()
+            timer, up = self._timer, self._up
+            assert timer is not None and up is not None  # set in _upstream_made
+            timer.cancel()
             if exc is None:
-                self._up.close()  # flush what the agent sent, then FIN
+                up.close()  # flush what the agent sent, then FIN
             else:
-                self._up.abort()
+                up.abort()
         stats = self._upstream.stats
         stats.active -= 1
         stats.done(self._outcome, self._time() - self._started)
@@ -165,8 +176,10 @@ class TcpRelay(asyncio.Protocol):
     # --- connecting ----------------------------------------------------------------
 
     async def _open(self, ep: Endpoint) -> None:
+        loop = self._loop
+        assert loop is not None  # set in connection_made, which starts this task
         try:
-            await self._loop.create_connection(self._upstream_side, ep.host, ep.port)
+            await loop.create_connection(self._upstream_side, ep.host, ep.port)
             return
         except asyncio.CancelledError:
             return  # the connect deadline passed or the agent left: handled there
@@ -188,7 +201,9 @@ class TcpRelay(asyncio.Protocol):
 
     def _connect_timed_out(self) -> None:
         if self._state is _CONNECTING:
-            self._connect.cancel()
+            connect = self._connect
+            assert connect is not None  # started right after this timer was armed
+            connect.cancel()
             self._fail(FailureKind.CONNECT_TIMEOUT,
                        f"no connection within {self._upstream.policy.connect_timeout_s:g} s")
 
@@ -198,17 +213,19 @@ class TcpRelay(asyncio.Protocol):
             # (or release) is already given.
             transport.abort()
             return
+        loop, ep, timer, agent = self._loop, self._ep, self._timer, self._agent
+        # Still connecting: connection_made set these and chose the endpoint being opened.
+        assert loop is not None and ep is not None and timer is not None and agent is not None
         self._state = _RELAYING
         self._up = transport
         now = self._time()
-        self._ep.breaker.record(True, now)
+        ep.breaker.record(True, now)
         policy = self._upstream.policy
         transport.set_write_buffer_limits(policy.max_pending_bytes)
-        self._timer.cancel()
+        timer.cancel()
         self._last = now
-        self._timer = self._loop.call_at(now + policy.idle_timeout_s, self._idle_check)
+        self._timer = loop.call_at(now + policy.idle_timeout_s, self._idle_check)
 
-        agent = self._agent
         if self._greeting:
             agent.write(self._greeting)
         pending = self._pending
@@ -229,7 +246,9 @@ class TcpRelay(asyncio.Protocol):
             if self._agent_eof:
                 self._close_both()
             else:
-                self._agent.write_eof()
+                agent = self._agent
+                assert agent is not None  # set in connection_made
+                agent.write_eof()
         return True
 
     def _upstream_lost(self, exc: Exception | None) -> None:
@@ -239,8 +258,10 @@ class TcpRelay(asyncio.Protocol):
             self._fail(FailureKind.RESET, f"connection reset by upstream ({exc})")
         else:
             self._state = _CLOSED
-            self._timer.cancel()
-            self._agent.close()
+            timer, agent = self._timer, self._agent
+            assert timer is not None and agent is not None  # relaying: both set
+            timer.cancel()
+            agent.close()
 
     # --- timers and endings --------------------------------------------------------
 
@@ -249,29 +270,37 @@ class TcpRelay(asyncio.Protocol):
             return
         deadline = self._last + self._upstream.policy.idle_timeout_s
         if self._time() + _TIMER_SLACK_S < deadline:
-            self._timer = self._loop.call_at(deadline, self._idle_check)
+            loop = self._loop
+            assert loop is not None  # set in connection_made
+            self._timer = loop.call_at(deadline, self._idle_check)
             return
+        ep, agent, up = self._ep, self._agent, self._up
+        assert ep is not None and agent is not None and up is not None  # relaying: all set
         # Counted, but not a breaker failure: an idle connection says nothing about the
         # upstream's health (an agent may simply have nothing to say).
         self._state = _CLOSED
-        self._upstream.stats.failed(FailureKind.IDLE_TIMEOUT, self._ep.label)
+        self._upstream.stats.failed(FailureKind.IDLE_TIMEOUT, ep.label)
         # Nothing moved for idle_timeout_s, so whatever is still buffered never will.
-        self._agent.abort()
-        self._up.abort()
+        agent.abort()
+        up.abort()
 
     def _close_both(self) -> None:
         """Both sides sent FIN: flush what is buffered and close."""
+        timer, agent, up = self._timer, self._agent, self._up
+        assert timer is not None and agent is not None and up is not None  # relaying: all set
         self._state = _CLOSED
-        self._timer.cancel()
-        self._agent.close()
-        self._up.close()
+        timer.cancel()
+        agent.close()
+        up.close()
 
     def _fail(self, kind: FailureKind, reason: str) -> None:
         """The upstream failed this connection: a breaker verdict, a count, and the agent
         released at once."""
+        timer, ep = self._timer, self._ep
+        # Connecting or relaying: the endpoint was chosen and a timer armed.
+        assert timer is not None and ep is not None
         self._state = _CLOSED
-        self._timer.cancel()
-        ep = self._ep
+        timer.cancel()
         ep.breaker.record(False, self._time(), reason)
         self._upstream.stats.failed(kind, ep.label)
         self._outcome = Outcome.FAILED
@@ -280,9 +309,10 @@ class TcpRelay(asyncio.Protocol):
         self._end_agent(f"{self._upstream.name} ({ep.label}): {reason}")
 
     def _end_agent(self, reason: str) -> None:
-        agent = self._agent
-        if self._refusal is not None and self._up is None:
-            agent.write(self._refusal(reason))
+        agent, refusal = self._agent, self._refusal
+        assert agent is not None  # set in connection_made
+        if refusal is not None and self._up is None:
+            agent.write(refusal(reason))
             agent.close()
         else:
             reset(agent)
@@ -294,11 +324,13 @@ class _UpstreamSide(asyncio.Protocol):
     __slots__ = ("relay", "agent", "time")
 
     def __init__(self, relay: TcpRelay):
+        agent = relay._agent
+        assert agent is not None  # the relay opens its upstream from its connection_made
         self.relay = relay
-        self.agent = relay._agent
+        self.agent = agent
         self.time = relay._time
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.relay._upstream_made(transport)
 
     def data_received(self, data: bytes) -> None:

@@ -1,29 +1,18 @@
 """The sidecar's metrics as Prometheus scrapes them: exact sample lines from a registry
-holding a SidecarCollector over fake upstreams."""
+holding a SidecarCollector over upstreams."""
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sidecar.config import BreakerSettings
+from sidecar.config import UpstreamPolicy
 from sidecar.metrics import (
     CONTENT_TYPE,
     FailureKind,
     Outcome,
     SidecarCollector,
-    UpstreamStats,
     render,
 )
-from sidecar.policy.breaker import Breaker
-
-
-class FakeUpstream:
-    def __init__(self, name: str, breakers: list[Breaker]):
-        self.name = name
-        self.stats = UpstreamStats(name)
-        self._breakers = breakers
-
-    def breakers(self) -> list[Breaker]:
-        return self._breakers
+from sidecar.upstream import Upstream
 
 
 def scrape(upstreams, now: float = 1000.0) -> list[str]:
@@ -38,10 +27,8 @@ def samples(lines: list[str], name: str) -> list[str]:
 
 @pytest.fixture
 def hub():
-    settings = BreakerSettings()
-    a = Breaker("Hub/10.0.0.1:9000", settings)
-    b = Breaker("Hub/10.0.0.2:9100", settings)
-    return FakeUpstream("Hub", [a, b])
+    return Upstream(UpstreamPolicy(name="Hub",
+                                   endpoints=(("10.0.0.1", 9000), ("10.0.0.2", 9100))))
 
 
 def test_requests_count_every_outcome_from_zero(hub):
@@ -120,7 +107,7 @@ def test_breaker_state_trips_and_rejections_at_scrape_time(hub):
         near.record(False, 900 + t, "connection refused")  # opened at 904
     near.allow(905)  # rejected
     far.force_open(0)
-    cache = FakeUpstream("Cache", [Breaker("Cache", BreakerSettings())])
+    cache = Upstream(UpstreamPolicy(name="Cache", endpoints=(("10.0.0.3", 6379),)))
 
     lines = scrape([hub, cache], now=920.0)
     assert samples(lines, "agentvisor_sidecar_breaker_state") == [
