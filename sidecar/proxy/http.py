@@ -28,7 +28,7 @@ import math
 import re
 from collections import OrderedDict, deque
 from http import HTTPStatus
-from typing import Callable
+from typing import Callable, Final
 
 import httptools
 
@@ -47,7 +47,7 @@ from sidecar.upstream import Endpoint, Upstream
 
 log = logging.getLogger(__name__)
 
-_OK = Outcome.OK  # read per request
+_OK: Final = Outcome.OK  # read per request
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
 # proxy's own credentials: never forwarded. Each side of the proxy frames its own
@@ -101,6 +101,7 @@ _REQUEST_FIELDS = re.compile(
     rb"\r\n(host|connection|keep-alive|proxy-connection|te|trailer|upgrade"
     rb"|proxy-authorization|transfer-encoding|content-length):[ \t]*([^\r]*)")
 _CHUNKED_BODY = 2
+_GET: Final = b"GET"
 # What a request head's fields say: see `_request_known`.
 _RequestShape = tuple[tuple[int, ...], int, bytes | None]
 
@@ -182,13 +183,14 @@ class _UpstreamState:
     answers naming the upstream, and the LAST_GOOD cache. Holds no reference to the
     Upstream itself, so it lives exactly as long as the Upstream (see `_state_of`)."""
 
-    __slots__ = ("policy", "stats", "pools", "host_lines", "last_good", "rejection",
+    __slots__ = ("policy", "stats", "failure_statuses", "pools", "host_lines", "last_good", "rejection",
                  "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed",
                  "framings", "request_shapes")
 
     def __init__(self, upstream: Upstream):
         policy = self.policy = upstream.policy
         self.stats = upstream.stats
+        self.failure_statuses = policy.failure_statuses  # read per answer
         name = upstream.name
         self.pools: dict[Endpoint, list[_UpstreamConnection]] = {}
         # How this upstream's answers are framed, by the shape of their head: see
@@ -361,7 +363,8 @@ class HttpProxy(asyncio.Protocol):
 
     __slots__ = (
         # fixed for the connection
-        "_route", "_forward", "_on_unrouted", "_loop", "_parser", "_fixed", "_fixed_state",
+        "_route", "_forward", "_on_unrouted", "_loop", "_time", "_parser", "_fixed",
+        "_fixed_state",
         "_max_header_bytes", "_max_pending_bytes", "_max_pending_requests",
         # the connection
         "_transport", "_paused", "_agent_blocked", "_owed", "_eof", "_timer", "_timer_at",
@@ -383,6 +386,7 @@ class HttpProxy(asyncio.Protocol):
         self._forward = forward
         self._on_unrouted = on_unrouted  # (host, port) of a request no upstream takes
         self._loop = loop or asyncio.get_running_loop()
+        self._time = self._loop.time  # bound once: read twice per request
         self._lean = not forward  # heads read from their bytes: see on_headers_complete
         self._parser = httptools.HttpRequestParser(self if self._lean else _FieldByField(self))
         # A per-upstream listener knows its upstream, and so its limits, before the
@@ -567,7 +571,8 @@ class HttpProxy(asyncio.Protocol):
         if framing == _CHUNKED_BODY:
             raise _FieldByFieldFrom(at)
         parser = self._parser
-        method = parser.get_method()
+        # Most requests are GETs, each read beginning with one: no call for the name.
+        method = _GET if at == 0 and buf.startswith(b"GET ") else parser.get_method()
         keep_alive = parser.should_keep_alive()
         # llhttp checked the request line: METHOD SP target SP HTTP/d.d
         n = len(kept)  # one span (Host first, hop-by-hop last, as http.client sends) or two
@@ -658,7 +663,7 @@ class HttpProxy(asyncio.Protocol):
         self._current = req
         state = req.state
         assert state is not None  # routed
-        now = req.started = self._loop.time()
+        now = req.started = self._time()
         state.stats.active += 1
         for ep in upstream.endpoints:  # Upstream.choose, one call fewer
             breaker = ep.breaker
@@ -740,7 +745,7 @@ class HttpProxy(asyncio.Protocol):
             self._reply.append(_NO_ROUTE)
             self._end(req)
             return
-        now = req.started = self._loop.time()
+        now = req.started = self._time()
         state = req.state
         assert state is not None  # routed
         state.stats.active += 1
@@ -843,7 +848,7 @@ class HttpProxy(asyncio.Protocol):
         req = self._current
         if req is None:
             return  # idle: the next request arms it again
-        if self._loop.time() + _TIMER_SLACK_S < req.deadline:
+        if self._time() + _TIMER_SLACK_S < req.deadline:
             self._arm(req.deadline)  # a later request is in flight now
             return
         self._drop_conn()
@@ -882,7 +887,7 @@ class HttpProxy(asyncio.Protocol):
         settings = state.policy.retry
         if req.replay is not None and may_retry(req.method, not got_bytes, req.attempt + 1,
                                                 settings):
-            now = self._loop.time()
+            now = self._time()
             if upstream.retry_budget.withdraw(now):
                 other = _choose_other(upstream, ep, now)
                 if other is not None:
@@ -903,7 +908,7 @@ class HttpProxy(asyncio.Protocol):
         assert ep is not None and state is not None  # an attempt was made
         if req.admitted:
             req.admitted = False
-            ep.breaker.record(False, self._loop.time(), kind.value)
+            ep.breaker.record(False, self._time(), kind.value)
         state.stats.failed(kind, ep.label)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %s: %s", state.stats.upstream, ep.label, kind.value)
@@ -928,7 +933,7 @@ class HttpProxy(asyncio.Protocol):
             outcome = Outcome.FAILED
         else:
             req.admitted = False
-            req.endpoint.breaker.record(True, self._loop.time())
+            req.endpoint.breaker.record(True, self._time())
             outcome = Outcome.OK
         req.done = True
         self._finish(req, outcome, close=close_agent)
@@ -938,7 +943,7 @@ class HttpProxy(asyncio.Protocol):
         assert req.state is not None  # routed
         stats = req.state.stats
         stats.active -= 1
-        stats.done(outcome, self._loop.time() - req.started)
+        stats.done(outcome, self._time() - req.started)
         self._end(req, close, cut)
 
     def _end(self, req: _Request, close: bool = False, cut: bool = False) -> None:
@@ -1013,7 +1018,7 @@ class HttpProxy(asyncio.Protocol):
             req.endpoint.breaker.release()
         stats = req.state.stats
         stats.active -= 1
-        stats.done(outcome, self._loop.time() - req.started)
+        stats.done(outcome, self._time() - req.started)
 
     def _release_held(self) -> None:
         conn = self._held
@@ -1122,7 +1127,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         # fixed
-        "loop", "state", "endpoint", "parser", "max_header_bytes",
+        "loop", "_time", "state", "endpoint", "parser", "max_header_bytes",
         # the connection
         "transport", "proxy", "reused", "dead", "reading_paused", "_connecting",
         "_connect_timer",
@@ -1135,6 +1140,7 @@ class _UpstreamConnection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, state: _UpstreamState,
                  endpoint: Endpoint):
         self.loop = loop
+        self._time = loop.time  # bound once: read per request
         self.state = state
         self.endpoint = endpoint
         self.parser = httptools.HttpResponseParser(self)
@@ -1365,7 +1371,7 @@ class _UpstreamConnection(asyncio.Protocol):
             # which is also the proxy's own option for this agent connection (RFC 9110
             # 7.6.1 lets a proxy replace Connection with its own). Any other answer
             # takes the long way below, which rebuilds the head.
-            req.failed_status = status in state.policy.failure_statuses
+            req.failed_status = status in state.failure_statuses
             self.length = known == _AS_IS
             self.mode = known
             self.capture = None
@@ -1377,7 +1383,7 @@ class _UpstreamConnection(asyncio.Protocol):
         line_end = head.index(b"\r\n")
         status_line = _status_line(head, line_end)
         fields, self.length, te = _response_fields(head, line_end, found)
-        req.failed_status = status in state.policy.failure_statuses
+        req.failed_status = status in state.failure_statuses
         if state.last_good is not None and method == b"GET" and 200 <= status < 300:
             self.capture = [status_line, b"\r\n", fields]
             self.capture_bytes = 0
@@ -1462,7 +1468,7 @@ class _UpstreamConnection(asyncio.Protocol):
         proxy._held = self
         req.admitted = False
         req.done = True
-        now = self.loop.time()
+        now = self._time()
         breaker = ep.breaker
         if not breaker.closed:
             breaker.record(True, now)
