@@ -185,7 +185,7 @@ class _UpstreamState:
 
     __slots__ = ("policy", "stats", "failure_statuses", "pools", "host_lines", "last_good", "rejection",
                  "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed",
-                 "framings", "request_shapes")
+                 "framings", "request_shapes", "request_heads")
 
     def __init__(self, upstream: Upstream):
         policy = self.policy = upstream.policy
@@ -196,8 +196,10 @@ class _UpstreamState:
         # How this upstream's answers are framed, by the shape of their head: see
         # `_UpstreamConnection.on_headers_complete`.
         self.framings: dict[bytes, int | list[tuple[bytes, bytes]]] = {}
-        # The same for requests' fields: see `_request_known`.
+        # The same for requests' fields: see `_request_known`; and by the fields
+        # themselves, for requests without a body (see `HttpProxy.on_headers_complete`).
         self.request_shapes: dict[bytes, _RequestShape] = {}
+        self.request_heads: dict[bytes, _RequestShape] = {}
         self.host_lines = {ep: b"Host: %s\r\n" % ep.label.encode() for ep in upstream.endpoints}
         fallback = policy.fallback
         self.last_good: OrderedDict[bytes, bytes] | None = (
@@ -563,10 +565,19 @@ class HttpProxy(asyncio.Protocol):
         state = self._fixed_state
         assert state is not None  # lean: a per-upstream listener
         fields = buf[line_end + 2:end - 2]
-        shape = fields.translate(_ZERO_DIGITS)
-        known = state.request_shapes.get(shape)
+        # An agent sends the same fields with every GET: those, as they are, first (no
+        # pass over them); then their shape.
+        known = state.request_heads.get(fields)
         if known is None:
-            known = _request_known(fields, shape, state.request_shapes)
+            shape = fields.translate(_ZERO_DIGITS)
+            known = state.request_shapes.get(shape)
+            if known is None:
+                known = _request_known(fields, shape, state.request_shapes)
+            if known[1] == 0:  # no body: no Content-Length to vary
+                heads = state.request_heads
+                if len(heads) >= _FRAMINGS_MAX:
+                    heads.clear()
+                heads[fields] = known
         kept, framing, connection = known
         if framing == _CHUNKED_BODY:
             raise _FieldByFieldFrom(at)
