@@ -52,29 +52,34 @@ _OK: Final = Outcome.OK  # read per request
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
 # proxy's own credentials: never forwarded. Each side of the proxy frames its own
 # connection.
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
+_HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
                          b"trailer", b"upgrade", b"proxy-authorization"})
 # What an answer's rebuilt head leaves out: the above, and Transfer-Encoding (the proxy
 # frames the body afresh).
-_NOT_FORWARDED = _HOP_BY_HOP | {b"transfer-encoding"}
+_NOT_FORWARDED: Final = _HOP_BY_HOP | {b"transfer-encoding"}
 # Their lines, each with the CRLF before it, in any spelling: one pass removes them all
 # (three times cheaper than a Python loop over the lines).
-_NOT_FORWARDED_LINES = re.compile(
+_NOT_FORWARDED_LINES: Final = re.compile(
     rb"\r\n(?:%s):[^\r]*" % b"|".join(sorted(_NOT_FORWARDED)), re.IGNORECASE)
 # Connection tokens that name no header to drop.
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
 # The headers the proxy looks at, by lower-case name; any other (_PLAIN) is forwarded as
 # it is.
-_DROP, _CONNECTION, _HOST, _TRANSFER_ENCODING, _CONTENT_LENGTH, _PLAIN = range(6)
-_SPECIAL = {name: _DROP for name in _HOP_BY_HOP}
+_DROP: Final = 0
+_CONNECTION: Final = 1
+_HOST: Final = 2
+_TRANSFER_ENCODING: Final = 3
+_CONTENT_LENGTH: Final = 4
+_PLAIN: Final = 5
+_SPECIAL: Final = {name: _DROP for name in _HOP_BY_HOP}
 _SPECIAL.update({b"connection": _CONNECTION, b"host": _HOST,
                  b"transfer-encoding": _TRANSFER_ENCODING, b"content-length": _CONTENT_LENGTH})
 # The same by exact spelling, learnt as names arrive: one dict lookup per header line
 # instead of a lower() and a lookup. Peers use a few spellings each; the bounds keep odd
 # ones from growing it (those take the long way, to the same answer).
 _KIND_BY_SPELLING: dict[bytes, int] = {}
-_SPELLINGS_MAX = 1024
-_SPELLING_MAX_BYTES = 64
+_SPELLINGS_MAX: Final = 1024
+_SPELLING_MAX_BYTES: Final = 64
 
 
 def _kind_of(name: bytes) -> int:
@@ -92,45 +97,49 @@ def _kind_of(name: bytes) -> int:
 # framing and Connection: keep-alive among them. A value with trailing whitespace does
 # not compare equal and takes the long way (a lazy match that trims it costs twice as
 # much, on every answer).
-_FRAMING_FIELDS = re.compile(
+_FRAMING_FIELDS: Final = re.compile(
     rb"\r\n(connection|keep-alive|proxy-connection|te|trailer|upgrade|proxy-authorization"
     rb"|transfer-encoding|content-length):[ \t]*([^\r]*)")
 
 # The request fields the proxy acts on: the answer's names, and Host.
-_REQUEST_FIELDS = re.compile(
+_REQUEST_FIELDS: Final = re.compile(
     rb"\r\n(host|connection|keep-alive|proxy-connection|te|trailer|upgrade"
     rb"|proxy-authorization|transfer-encoding|content-length):[ \t]*([^\r]*)")
-_CHUNKED_BODY = 2
+_CHUNKED_BODY: Final = 2
 _GET: Final = b"GET"
 # What a request head's fields say: see `_request_known`.
 _RequestShape = tuple[tuple[int, ...], int, bytes | None]
 
 # Answer heads by shape (digits zeroed) -> framing, per upstream; cleared when full.
-_ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
-_FRAMINGS_MAX = 256
+# A read this small is searched by partition(), which copies what follows the match.
+_SMALL_READ: Final = 4096
+_ZERO_DIGITS: Final = bytes.maketrans(b"123456789", b"000000000")
+_FRAMINGS_MAX: Final = 256
 
 # Connection values naming no field, as servers and clients spell them: nothing to drop,
 # known without splitting the value (most responses carry one). Any other spelling takes
 # the long way, to the same result.
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
 
 # LAST_GOOD fallback: responses remembered per upstream, and the largest body kept. A
 # fallback is for small, read-mostly answers (status, config, registry lookups).
-LAST_GOOD_ENTRIES = 256
-LAST_GOOD_MAX_BODY_BYTES = 64 * 1024
+LAST_GOOD_ENTRIES: Final = 256
+LAST_GOOD_MAX_BODY_BYTES: Final = 64 * 1024
 
 # Reasons reading from the agent is paused, as bits: each is lifted on its own.
-_UPSTREAM_FULL = 1  # the upstream's write buffer is above its high-water mark
-_BACKLOG = 2  # too many requests or bytes waiting for their turn or for a connection
+_UPSTREAM_FULL: Final = 1  # the upstream's write buffer is above its high-water mark
+_BACKLOG: Final = 2  # too many requests or bytes waiting for their turn or for a connection
 
 # How a response body goes to the agent.
-_NO_BODY, _AS_IS, _RECHUNK = 0, 1, 2
+_NO_BODY: Final = 0
+_AS_IS: Final = 1
+_RECHUNK: Final = 2
 
-_CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+_CONNECT_OK: Final = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 # uvloop's clock and timers have millisecond resolution: a timer may fire a hair before
 # the deadline as loop.time() reads it. Within this slack the deadline counts as reached.
-_TIMER_SLACK_S = 0.002
+_TIMER_SLACK_S: Final = 0.002
 
 def _canned(status: int, reason: str, text: str, extra: bytes = b"",
             close: bool = False) -> bytes:
@@ -145,24 +154,24 @@ def _canned(status: int, reason: str, text: str, extra: bytes = b"",
         b"\r\n", body))
 
 
-_BAD_REQUEST = _canned(400, "Bad Request", "agentvisor: malformed HTTP request", close=True)
-_HEAD_TOO_LARGE = _canned(431, "Request Header Fields Too Large",
+_BAD_REQUEST: Final = _canned(400, "Bad Request", "agentvisor: malformed HTTP request", close=True)
+_HEAD_TOO_LARGE: Final = _canned(431, "Request Header Fields Too Large",
                           "agentvisor: request head too large", close=True)
-_NOT_A_TUNNEL = _canned(405, "Method Not Allowed",
+_NOT_A_TUNNEL: Final = _canned(405, "Method Not Allowed",
                         "agentvisor: CONNECT is served by the forward proxy only", close=True)
-_NO_ROUTE = _canned(502, "Bad Gateway", "agentvisor: no upstream for this destination")
-_TUNNEL_REFUSED = _canned(502, "Bad Gateway", "agentvisor: tunnel refused", close=True)
-_TUNNEL_OPEN = _canned(503, "Service Unavailable", "agentvisor: circuit breaker open",
+_NO_ROUTE: Final = _canned(502, "Bad Gateway", "agentvisor: no upstream for this destination")
+_TUNNEL_REFUSED: Final = _canned(502, "Bad Gateway", "agentvisor: tunnel refused", close=True)
+_TUNNEL_OPEN: Final = _canned(503, "Service Unavailable", "agentvisor: circuit breaker open",
                        close=True)
 
 # Status lines up to the reason phrase, which is the upstream's own.
-_STATUS_PREFIX = [b"HTTP/1.1 %d " % code for code in range(600)]
+_STATUS_PREFIX: Final = [b"HTTP/1.1 %d " % code for code in range(600)]
 
-_CLOSE = b"Connection: close\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"  # HTTP/1.0 agents keep only when told
-_CHUNKED = b"Transfer-Encoding: chunked\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-_FALLBACK_LAST_GOOD = b"X-Agentvisor-Fallback: last_good\r\n"
+_CLOSE: Final = b"Connection: close\r\n"
+_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"  # HTTP/1.0 agents keep only when told
+_CHUNKED: Final = b"Transfer-Encoding: chunked\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_FALLBACK_LAST_GOOD: Final = b"X-Agentvisor-Fallback: last_good\r\n"
 
 
 class _HeadTooLarge(Exception):
@@ -183,14 +192,16 @@ class _UpstreamState:
     answers naming the upstream, and the LAST_GOOD cache. Holds no reference to the
     Upstream itself, so it lives exactly as long as the Upstream (see `_state_of`)."""
 
-    __slots__ = ("policy", "stats", "failure_statuses", "pools", "host_lines", "last_good", "rejection",
+    __slots__ = ("policy", "stats", "failure_statuses", "request_timeout_s", "pools", "host_lines", "last_good", "rejection",
                  "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed",
                  "framings", "request_shapes", "request_heads")
 
     def __init__(self, upstream: Upstream):
         policy = self.policy = upstream.policy
         self.stats = upstream.stats
-        self.failure_statuses = policy.failure_statuses  # read per answer
+        # read per exchange (the policy is a plain dataclass: a slower attribute read)
+        self.failure_statuses = policy.failure_statuses
+        self.request_timeout_s = policy.request_timeout_s
         name = upstream.name
         self.pools: dict[Endpoint, list[_UpstreamConnection]] = {}
         # How this upstream's answers are framed, by the shape of their head: see
@@ -557,8 +568,16 @@ class HttpProxy(asyncio.Protocol):
         at = self._head_at
         # llhttp accepted the head, and it refuses bare LF: the request line ends at the
         # first CRLF, the head at the first blank line after it.
-        line_end = buf.index(b"\r\n", at)
-        end = buf.index(b"\r\n\r\n", line_end) + 4
+        if at == 0 and len(buf) <= _SMALL_READ:
+            # The common read, a head from its start: partition() takes its argument as
+            # it is, where index() parses a tuple of them at several times the cost of
+            # the search; the copies it makes are small.
+            head = buf.partition(b"\r\n\r\n")[0]
+            line_end = len(head.partition(b"\r\n")[0])
+            end = len(head) + 4
+        else:
+            line_end = buf.index(b"\r\n", at)
+            end = buf.index(b"\r\n\r\n", line_end) + 4
         self._head_at = end  # where the body, if any, begins
         if end - at > self._max_header_bytes:
             raise _HeadTooLarge
@@ -584,17 +603,20 @@ class HttpProxy(asyncio.Protocol):
         parser = self._parser
         # Most requests are GETs, each read beginning with one: no call for the name.
         method = _GET if at == 0 and buf.startswith(b"GET ") else parser.get_method()
-        keep_alive = parser.should_keep_alive()
         # llhttp checked the request line: METHOD SP target SP HTTP/d.d
+        version = buf[line_end - 3:line_end]
+        if version == b"1.1" and (connection is None or connection == b"keep-alive"
+                                   or connection == b"Keep-Alive"):
+            keep_alive = True  # what llhttp would say: 1.1, and no close
+        else:
+            keep_alive = parser.should_keep_alive()
         n = len(kept)  # one span (Host first, hop-by-hop last, as http.client sends) or two
         req = _Request(
             method, None,
             fields[kept[0]:kept[1]] if n == 2
             else fields[kept[0]:kept[1]] + fields[kept[2]:kept[3]] if n == 4
             else b"".join([fields[kept[i]:kept[i + 1]] for i in range(0, n, 2)]),
-            False, keep_alive,
-            # An HTTP/1.0 agent keeps its connection only when it says so.
-            (connection is not None or not keep_alive) and buf[line_end - 3:line_end] == b"1.0",
+            False, keep_alive, version == b"1.0",
             buf[at + len(method) + 1:line_end - 9], self._fixed, state)
         self._head_raw = 0
         self._head_done(req, framing)
@@ -684,7 +706,7 @@ class HttpProxy(asyncio.Protocol):
             self._reject(req)
             return
         upstream.retry_budget.deposit(now)
-        deadline = req.deadline = now + state.policy.request_timeout_s
+        deadline = req.deadline = now + state.request_timeout_s
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
         conn = self._held
@@ -765,7 +787,7 @@ class HttpProxy(asyncio.Protocol):
             self._reject(req)
             return
         upstream.retry_budget.deposit(now)
-        deadline = req.deadline = now + state.policy.request_timeout_s
+        deadline = req.deadline = now + state.request_timeout_s
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
         self._attempt(req, ep, fresh=False)
@@ -1144,7 +1166,7 @@ class _UpstreamConnection(asyncio.Protocol):
         "_connect_timer",
         # the response being parsed
         "got_bytes", "head_buf", "head_at", "head_part", "length", "mode",
-        "informational", "eof_body", "close_agent", "capture", "capture_bytes",
+        "informational", "eof_body", "close_agent", "keeps", "capture", "capture_bytes",
         "head_raw", "in_head", "heads",
     )
 
@@ -1180,6 +1202,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.informational = False
         self.eof_body = False  # the body ends when the upstream closes
         self.close_agent = False
+        self.keeps = False  # the answer keeps the connection, known from its head
         self.capture: list[bytes] | None = None  # a 2xx GET being kept for LAST_GOOD
         self.capture_bytes = 0
         self.head_raw = 0
@@ -1345,7 +1368,9 @@ class _UpstreamConnection(asyncio.Protocol):
         buf = self.head_buf
         at = self.head_at
         # llhttp accepted the head, and it refuses bare LF: the first blank line ends it.
-        end = buf.index(b"\r\n\r\n", at) + 4
+        # (partition: see HttpProxy.on_headers_complete)
+        end = (len(buf.partition(b"\r\n\r\n")[0]) if at == 0 and len(buf) <= _SMALL_READ
+               else buf.index(b"\r\n\r\n", at)) + 4
         self.head_at = end  # a 1xx answer is followed by the next head at once
         head = buf[at:end]
         if len(head) > self.max_header_bytes:
@@ -1354,7 +1379,8 @@ class _UpstreamConnection(asyncio.Protocol):
         req = proxy._current
         if req is None:
             raise _BadMessage  # an exchange ended early (say, at a 504) has no answer
-        status = self.parser.get_status_code()
+        # Most answers are 200s from HTTP/1.1 servers: no call for the code.
+        status = 200 if head.startswith(b"HTTP/1.1 200 ") else self.parser.get_status_code()
         reply = proxy._reply
         if status < 200:
             if status == 101:
@@ -1374,7 +1400,7 @@ class _UpstreamConnection(asyncio.Protocol):
         known = state.framings.get(shape)
         if known is None:
             known = _known(head, shape, state.framings)
-        if (known.__class__ is int and req.keep_alive and not req.http10
+        if (isinstance(known, int) and req.keep_alive and not req.http10
                 and method != b"HEAD" and head.startswith(b"HTTP/1.1 ")
                 and (state.last_good is None or method != b"GET" or status >= 300)):
             # The common answer goes to the agent as it came: its only framing and
@@ -1388,9 +1414,12 @@ class _UpstreamConnection(asyncio.Protocol):
             self.capture = None
             self.eof_body = False
             self.close_agent = False
+            # What llhttp would say: HTTP/1.1, no close, framed by length or chunks.
+            self.keeps = True
             reply.append(head)
             return
-        found = known if known.__class__ is list else _FRAMING_FIELDS.findall(head.lower())
+        self.keeps = False  # ask the parser at the end
+        found = known if isinstance(known, list) else _FRAMING_FIELDS.findall(head.lower())
         line_end = head.index(b"\r\n")
         status_line = _status_line(head, line_end)
         fields, self.length, te = _response_fields(head, line_end, found)
@@ -1468,8 +1497,9 @@ class _UpstreamConnection(asyncio.Protocol):
         transport = proxy._transport
         if (req.failed_status or self.close_agent or self.reading_paused or transport is None
                 or proxy._queue or proxy._paused or proxy._owed is not None or proxy._eof
-                or not req.complete or not self.parser.should_keep_alive()):
-            proxy._response_done(self, self.parser.should_keep_alive(), self.close_agent)
+                or not req.complete or not (self.keeps or self.parser.should_keep_alive())):
+            proxy._response_done(self, self.keeps or self.parser.should_keep_alive(),
+                                 self.close_agent)
             return
         # The common ending, inline: `_response_done`, `_finish`, `_end` and
         # `_send_reply` for a good answer on a connection both sides keep, with nothing
