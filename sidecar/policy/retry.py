@@ -14,18 +14,20 @@ Pure: time comes in as `now` (monotonic seconds).
 
 from __future__ import annotations
 
+from typing import Final
+
 from sidecar.config import RetrySettings
 
 # RFC 9110 9.2.2: the methods whose repetition has the same effect as one request.
 # POST and PATCH are not: a reset after the upstream read the request may have acted.
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # The window is kept as this many time buckets: O(1) per call and a few dozen bytes per
 # upstream, at the price of a window that is exact only to one bucket (window_s / 10).
-BUDGET_BUCKETS = 10
+BUDGET_BUCKETS: Final = 10
 
 # Float products such as 0.2 * 15 land a hair above or below the integer they mean.
-_EPSILON = 1e-9
+_EPSILON: Final = 1e-9
 
 
 def may_retry(method: bytes, failure_before_response: bool, attempt: int,

@@ -350,16 +350,16 @@ class _FieldByField:
         kind = _KIND_BY_SPELLING.get(name)
         if kind is None:
             kind = _kind_of(name)
-        if kind is _PLAIN:
+        if kind == _PLAIN:
             proxy._fields += (name, b": ", value, b"\r\n")
-        elif kind is _CONTENT_LENGTH:
+        elif kind == _CONTENT_LENGTH:
             proxy._framed = True
             proxy._fields += (name, b": ", value, b"\r\n")
-        elif kind is _HOST:
+        elif kind == _HOST:
             proxy._host = value
-        elif kind is _CONNECTION:
+        elif kind == _CONNECTION:
             proxy._connection = value
-        elif kind is _TRANSFER_ENCODING:
+        elif kind == _TRANSFER_ENCODING:
             proxy._chunked = b"chunked" in value.lower()
             proxy._framed = True
             proxy._fields += (name, b": ", value, b"\r\n")
@@ -1307,7 +1307,7 @@ class _UpstreamConnection(asyncio.Protocol):
             return
         if self.eof_body and not self.in_head:
             # A body delimited by the close has ended.
-            if self.mode is _RECHUNK:
+            if self.mode == _RECHUNK:
                 proxy._reply.append(_LAST_CHUNK)
             proxy._response_done(self, False, self.close_agent)
         else:
@@ -1463,7 +1463,7 @@ class _UpstreamConnection(asyncio.Protocol):
         proxy = self.proxy
         if proxy is None or not body:
             return
-        if self.mode is _RECHUNK:
+        if self.mode == _RECHUNK:
             proxy._reply.append(b"%x\r\n%b\r\n" % (len(body), body))
         else:
             proxy._reply.append(body)
@@ -1488,7 +1488,7 @@ class _UpstreamConnection(asyncio.Protocol):
         ep = req.endpoint if req is not None else None
         if req is None or ep is None:
             raise _BadMessage  # as in on_headers_complete
-        if self.mode is _RECHUNK:
+        if self.mode == _RECHUNK:
             proxy._reply.append(_LAST_CHUNK)
         capture = self.capture
         if capture is not None:

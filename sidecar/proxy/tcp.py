@@ -25,7 +25,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Callable
+from typing import Callable, Final
 
 from sidecar.metrics import FailureKind, Outcome
 from sidecar.upstream import Endpoint, Upstream
@@ -38,10 +38,12 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # uvloop's clock and timers have millisecond resolution: a timer may fire a hair before
 # the deadline as loop.time() reads it. Within this slack the deadline counts as reached
 # (otherwise the check would re-arm for a zero delay and spin).
-_TIMER_SLACK_S = 0.002
+_TIMER_SLACK_S: Final = 0.002
 
-# Connection states. Plain ints compared by identity: read on every event, never shown.
-_CONNECTING, _RELAYING, _CLOSED = 0, 1, 2
+# Connection states: plain ints, read on every event, never shown.
+_CONNECTING: Final = 0
+_RELAYING: Final = 1
+_CLOSED: Final = 2
 
 
 class TcpRelay(asyncio.Protocol):
@@ -112,7 +114,7 @@ class TcpRelay(asyncio.Protocol):
         if up is not None:
             up.write(data)
             self._last = self._time()
-        elif self._state is _CONNECTING:
+        elif self._state == _CONNECTING:
             # uvloop reads before the upstream can be connected (and ignores a pause made
             # in connection_made): hold the bytes, bounded, and stop reading beyond that.
             pending = self._pending
@@ -130,7 +132,7 @@ class TcpRelay(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._agent_eof = True
         up = self._up
-        if up is not None and self._state is _RELAYING:
+        if up is not None and self._state == _RELAYING:
             if self._up_eof:
                 self._close_both()
             else:
@@ -142,7 +144,7 @@ class TcpRelay(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         state = self._state
         self._state = _CLOSED
-        if state is _CONNECTING:
+        if state == _CONNECTING:
             # The agent left before the verdict: the admitted call ends with none.
             timer, connect, ep = self._timer, self._connect, self._ep
             # connection_made chose an endpoint, armed the deadline and started the connect
@@ -150,7 +152,7 @@ class TcpRelay(asyncio.Protocol):
             timer.cancel()
             connect.cancel()
             ep.breaker.release()
-        elif state is _RELAYING:
+        elif state == _RELAYING:
             timer, up = self._timer, self._up
             assert timer is not None and up is not None  # set in _upstream_made
             timer.cancel()
@@ -193,14 +195,14 @@ class TcpRelay(asyncio.Protocol):
             # Unreachable, no route, unresolvable: for the agent as for the breaker the
             # endpoint cannot take connections, which is what "refused" counts.
             kind, reason = FailureKind.REFUSED, exc.strerror or str(exc)
-        if self._state is _CONNECTING:
+        if self._state == _CONNECTING:
             self._fail(kind, reason)
 
     def _upstream_side(self) -> _UpstreamSide:
         return _UpstreamSide(self)
 
     def _connect_timed_out(self) -> None:
-        if self._state is _CONNECTING:
+        if self._state == _CONNECTING:
             connect = self._connect
             assert connect is not None  # started right after this timer was armed
             connect.cancel()
@@ -208,7 +210,7 @@ class TcpRelay(asyncio.Protocol):
                        f"no connection within {self._upstream.policy.connect_timeout_s:g} s")
 
     def _upstream_made(self, transport: asyncio.Transport) -> None:
-        if self._state is not _CONNECTING:
+        if self._state != _CONNECTING:
             # The deadline passed or the agent left in the same loop turn; the verdict
             # (or release) is already given.
             transport.abort()
@@ -242,7 +244,7 @@ class TcpRelay(asyncio.Protocol):
 
     def _upstream_eof(self) -> bool:
         self._up_eof = True
-        if self._state is _RELAYING:
+        if self._state == _RELAYING:
             if self._agent_eof:
                 self._close_both()
             else:
@@ -252,7 +254,7 @@ class TcpRelay(asyncio.Protocol):
         return True
 
     def _upstream_lost(self, exc: Exception | None) -> None:
-        if self._state is not _RELAYING:
+        if self._state != _RELAYING:
             return  # we closed it, or the relay ended first
         if exc is not None:
             self._fail(FailureKind.RESET, f"connection reset by upstream ({exc})")
@@ -266,7 +268,7 @@ class TcpRelay(asyncio.Protocol):
     # --- timers and endings --------------------------------------------------------
 
     def _idle_check(self) -> None:
-        if self._state is not _RELAYING:
+        if self._state != _RELAYING:
             return
         deadline = self._last + self._upstream.policy.idle_timeout_s
         if self._time() + _TIMER_SLACK_S < deadline:
