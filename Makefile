@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 sidecar/.compiled-stamp: $(STAMP) $(SIDECAR_SRC)
+	$(call ensure_debs,gcc:gcc)
 	@$(BIN)/python -m sidecar.compile || { echo "the hot path did not compile (see above);" \
 	  "PURE_PYTHON=1 make ... installs without compiling (same behaviour, more CPU)"; exit 1; }
 

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
+import importlib.util
 import os
+import shutil
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -75,6 +78,19 @@ def remove() -> int:
     return gone
 
 
+def missing() -> list[str]:
+    """What the build needs and this machine lacks, one line each, with the fix."""
+    problems = []
+    if importlib.util.find_spec("mypyc") is None:
+        problems.append("no mypyc: .venv/bin/pip install -e '.[compile]' (make install does)")
+    if not any(shutil.which(cc) for cc in (os.environ.get("CC", "gcc"), "gcc", "cc")):
+        problems.append("no C compiler: apt-get install gcc")
+    include = sysconfig.get_paths()["include"]
+    if not Path(include, "Python.h").exists():
+        problems.append(f"no Python headers in {include}: apt-get install python3-dev")
+    return problems
+
+
 def build() -> None:
     """Compile the group in place. Needs mypy (which carries mypyc) and a C compiler."""
     import warnings
@@ -91,7 +107,7 @@ def build() -> None:
     # without it (an installed package) compiles the same: httptools and uvloop carry no
     # type information, and the modules around the hot path are read, not checked.
     ext_modules = mypycify(["--ignore-missing-imports", "--follow-imports=silent",
-                            "--python-version=3.11",
+                            "--python-version=%d.%d" % sys.version_info[:2],
                             *(str(source(m).relative_to(ROOT)) for m in MODULES)],
                            opt_level="3", group_name=GROUP, verbose=False)
     setup(name="agentvisor-hot-path", ext_modules=ext_modules,
@@ -122,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.remove:
         print(f"removed {remove()} compiled files")
         return 0
+    problems = missing()
+    if problems:
+        for line in problems:
+            print(f"cannot compile the hot path: {line}", file=sys.stderr)
+        return 1
     remove()  # a failed build must not leave a mix of old and new behind
     try:
         build()

@@ -89,3 +89,22 @@ def test_remove_takes_every_compiled_file_and_the_stamp(tree):
     assert hot_path.remove() == len(HOT_PATH) + 1
     assert not any(p.exists() for p in built) and not hot_path.STAMP.exists()
     assert hot_path.stale() == []
+
+
+def test_a_machine_without_compiler_or_headers_is_told_what_to_install(tree, monkeypatch, capsys):
+    import shutil
+    import sysconfig
+
+    built = [tree(name, 2000) for name in HOT_PATH]
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": "/nowhere"})
+    assert hot_path.main([]) == 1
+    err = capsys.readouterr().err
+    assert "no C compiler: apt-get install gcc" in err
+    assert "no Python headers in /nowhere: apt-get install python3-dev" in err
+    assert all(p.exists() for p in built)  # the build there stays, untouched
+
+
+@pytest.mark.skipif(EXPECT != "1", reason="only where `make test` compiled the hot path")
+def test_a_machine_that_compiled_has_what_the_build_needs():
+    assert hot_path.missing() == []
