@@ -17,6 +17,11 @@ Failures end the agent's connection with a TCP reset (RST), not a FIN: the agent
 released at once and sees an error (ECONNRESET), never a clean end of stream that it
 could take for a complete, empty answer. When the caller passes `refusal` (HTTP CONNECT),
 the agent gets those bytes and a FIN instead, as long as nothing was relayed yet.
+
+Compiled: this module is part of the hot path mypyc compiles (sidecar/compile.py), so its
+types are exact, not hints: mypyc checks declared attribute and argument types at run
+time, and narrows an attribute after an assignment in a method (read it in another
+method if a call in between may change it). The tests run it compiled and interpreted.
 """
 
 from __future__ import annotations
