@@ -27,7 +27,11 @@ from supervisor.policy.lifecycle import LIVE, State
 from supervisor import resources
 from supervisor.resources import ResourceSampler, check_limits
 from supervisor.systemd import Notifier
-from supervisor.traffic import Traffic
+from supervisor.traffic import ListenerError, Traffic
+
+# `agentvisor run`'s exit status when a listener cannot be bound: the same as for a bad
+# config, a failure systemd's Restart=on-failure retries.
+EXIT_NOT_STARTED = 1
 
 log = logging.getLogger("agentvisor")
 
@@ -96,7 +100,15 @@ class Supervisor:
             self._tasks.append(asyncio.create_task(self._watchdog_loop(), name="watchdog"))
         log.info("%s: supervising %d agents (control socket %s)", cfg.host, len(cfg.agents),
                  self.socket_path)
-        self._add_agents(self.traffic.prepare(cfg))
+        try:
+            specs = self.traffic.prepare(cfg)
+        except ListenerError as exc:
+            # Said once, plainly: systemd retries (Restart=on-failure) in case the port
+            # was only briefly taken, and the journal shows this line each time.
+            log.error("%s; not starting", exc)
+            await self.shutdown()
+            return EXIT_NOT_STARTED
+        self._add_agents(specs)
         self._refresh_status()  # a host with no required agents is ready at once
         loop.call_later(self._settle_deadline_s(), self._settle_deadline)
         await done.wait()
@@ -267,20 +279,20 @@ class Supervisor:
         nothing (ConfigError propagates to the caller with every problem)."""
         self.notifier.reloading()
         try:
-            new = self.load_current_file()
-        except (cfgmod.ConfigError, cfgmod.ConfigUnreadable) as exc:
-            log.error("reload refused, nothing changed:\n%s", exc)
-            self.notifier.ready()
-            raise
-        result = await self.apply(new)
-        self.notifier.ready()
-        return result
+            try:
+                new = self.load_current_file()
+            except (cfgmod.ConfigError, cfgmod.ConfigUnreadable) as exc:
+                log.error("reload refused, nothing changed:\n%s", exc)
+                raise
+            return await self.apply(new)
+        finally:
+            self.notifier.ready()  # refused or applied, the reload is over for systemd
 
     async def _reload_quietly(self) -> None:
         # SIGHUP (systemctl reload without the CLI): problems are logged by reload().
         try:
             await self.reload()
-        except (cfgmod.ConfigError, cfgmod.ConfigUnreadable):
+        except (cfgmod.ConfigError, cfgmod.ConfigUnreadable, ListenerError):
             pass
 
     async def rollback(self) -> dict:
@@ -293,7 +305,11 @@ class Supervisor:
             old = self.config
             new = self._keep_runtime(new, old)
             old_specs = {a.name: a.spec for a in self.agents.values()}
-            new_specs = {a.name: a for a in self.traffic.prepare(new)}
+            try:
+                new_specs = {a.name: a for a in self.traffic.prepare(new)}
+            except ListenerError as exc:
+                log.error("config not applied, nothing changed: %s", exc)
+                raise
             removed = [n for n in old_specs if n not in new_specs]
             added = [n for n in new_specs if n not in old_specs]
             changed = [n for n in new_specs if n in old_specs and new_specs[n] != old_specs[n]]

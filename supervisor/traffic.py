@@ -36,6 +36,10 @@ SIDECAR_RESTART = RestartPolicy(start_s=1.0, backoff=Backoff(initial_s=0.1, max_
                                 max_failures=10, window_s=60.0, fatal_retry_s=10.0)
 
 
+class ListenerError(Exception):
+    """A sidecar listener cannot be bound (its port is taken, say); nothing changed."""
+
+
 class Traffic:
     def __init__(self, runtime_dir: Path):
         self.runtime_dir = runtime_dir
@@ -48,25 +52,41 @@ class Traffic:
 
     # --- sockets ----------------------------------------------------------------------
 
-    def _bind(self, name: str, address: tuple[str, int]) -> None:
-        """Bind name at address, keeping an existing socket when nothing asked for
-        changed (a reload must not move a listener agents already point at)."""
-        if name in self.sockets and self._requested.get(name) == address:
-            return
-        self._close(name)
+    @staticmethod
+    def _listen(name: str, address: tuple[str, int]) -> socket.socket:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
-            raise OSError(f"sidecar listener {name}: cannot bind {address[0]}:{address[1]}: "
-                          f"{exc.strerror}") from None
-        sock.listen(LISTEN_BACKLOG)
+            raise ListenerError(f"sidecar listener {name}: cannot bind "
+                                f"{address[0]}:{address[1]}: {exc.strerror}") from None
         sock.set_inheritable(True)
-        self.sockets[name] = sock
-        self._requested[name] = address
+        return sock
+
+    def _bind_all(self, wanted: dict[str, tuple[str, int]]) -> None:
+        """Match the listeners to `wanted`, all or nothing. A listener whose address is
+        unchanged is kept (a reload must not move what agents already point at); every
+        new address is bound before any old socket is closed, so a failure (the port is
+        taken) leaves every listener as it was and raises ListenerError."""
+        fresh: dict[str, socket.socket] = {}
+        try:
+            for name, address in wanted.items():
+                if name not in self.sockets or self._requested.get(name) != address:
+                    fresh[name] = self._listen(name, address)
+        except ListenerError:
+            for sock in fresh.values():
+                sock.close()
+            raise
+        for name in set(self.sockets) - set(wanted) - {"transparent6"}:
+            self._close(name)
+        for name, sock in fresh.items():
+            self._close(name)
+            self.sockets[name] = sock
+            self._requested[name] = wanted[name]
 
     def _close(self, name: str) -> None:
         sock = self.sockets.pop(name, None)
@@ -86,7 +106,8 @@ class Traffic:
 
     def prepare(self, config: HostConfig) -> tuple[AgentSpec, ...]:
         """The agents to run: the sidecar first (when enabled) and every agent made to
-        depend on it. Binds, keeps or closes listeners to match the config."""
+        depend on it. Binds, keeps or closes listeners to match the config; raises
+        ListenerError, with every listener left as it was, when one cannot be bound."""
         if not config.sidecar_enabled:
             self.close()
             return config.agents
@@ -95,10 +116,7 @@ class Traffic:
         wanted["metrics"] = config.sidecar.metrics_listen
         if any(a.intercept is Intercept.TRANSPARENT for a in config.agents):
             wanted["transparent"] = config.sidecar.transparent_listen
-        for name in set(self.sockets) - set(wanted) - {"transparent6"}:
-            self._close(name)
-        for name, address in wanted.items():
-            self._bind(name, address)
+        self._bind_all(wanted)
         self._install_redirects(config)
         sidecar = self._sidecar_spec(config)
         agents = tuple(dataclasses.replace(a, dependencies=(*a.dependencies, SIDECAR))
@@ -171,11 +189,13 @@ class Traffic:
             return
         host, port = self.address("transparent")
         # nftables sends IPv6 to [::1]:port: listen there too when the host has IPv6.
-        if "transparent6" not in self.sockets:
+        if self._requested.get("transparent6") != ("::1", port):  # new, or moved
+            self._close("transparent6")
             try:
-                self._bind("transparent6", ("::1", port))
-            except OSError:
-                pass
+                self.sockets["transparent6"] = self._listen("transparent6", ("::1", port))
+                self._requested["transparent6"] = ("::1", port)
+            except ListenerError:
+                pass  # no IPv6 here: IPv4 alone is redirected
         # The sidecar's own listeners stay reachable directly (${upstream:...} values).
         exempt = tuple(sorted(self.address(n)[1] for n in self.sockets
                               if n.startswith("upstream:")))

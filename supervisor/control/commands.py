@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 
 from supervisor.config import ConfigError, ConfigUnreadable
 from supervisor.policy.lifecycle import AT_REST, State
+from supervisor.traffic import ListenerError
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
@@ -109,5 +110,8 @@ async def dispatch(sup: "Supervisor", request: dict) -> dict:
     except ConfigError as exc:
         return {"ok": False, "error": "the config is invalid; nothing was changed",
                 "problems": [str(p) for p in exc.problems]}
+    except ListenerError as exc:
+        return {"ok": False, "error": "the config cannot be applied; nothing was changed",
+                "problems": [str(exc)]}
     except (LookupError, ConfigUnreadable) as exc:
         return {"ok": False, "error": str(exc.args[0]) if exc.args else str(exc)}

@@ -232,3 +232,65 @@ def test_reload_with_a_new_upstream_restarts_only_the_sidecar(fleet, upstream):
         assert not any("refused" in l.lower() for l in results(out))
     finally:
         other.close()
+
+
+def _metrics_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _taken_port():
+    """A port something else is listening on, for as long as the socket is open."""
+    import socket
+    blocker = socket.create_server(("127.0.0.1", 0))
+    return blocker, blocker.getsockname()[1]
+
+
+def test_a_taken_listener_port_at_start_is_one_clear_line_and_exit_1(fleet, upstream):
+    blocker, port = _taken_port()
+    with blocker:
+        host_config(fleet, upstream.port, {"env_vars": {"TARGET_URL": "http://x/"}})
+        data = yaml.safe_load(fleet.config_path.read_text())
+        data["sidecar"]["metrics_listen"] = f"127.0.0.1:{port}"
+        fleet.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        proc = fleet.start(wait_socket=False)
+        assert proc.wait(30) == 1
+    log = fleet.supervisor_log()
+    assert (f"sidecar listener metrics: cannot bind 127.0.0.1:{port}: Address already in use;"
+            " not starting") in log
+    assert "Traceback" not in log
+    assert not (fleet.runtime_dir / "control.sock").exists()  # no stale socket left behind
+
+
+def test_a_reload_onto_a_taken_port_is_refused_and_changes_nothing(fleet, upstream):
+    out = fleet.dir / "calls.txt"
+    metrics = host_config(fleet, upstream.port, {"env_vars": {
+        "TARGET_URL": "http://${upstream:Hub}/status", "RESULTS": str(out), "PERIOD": "0.05"}})
+    fleet.start()
+    sidecar = fleet.wait_state("sidecar", "RUNNING")["pid"]
+    caller = fleet.wait_state("Caller", "RUNNING")["pid"]
+    blocker, taken = _taken_port()
+    data = yaml.safe_load(fleet.config_path.read_text())
+    data["sidecar"]["metrics_listen"] = f"127.0.0.1:{taken}"
+    fleet.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with blocker:
+        refused = fleet.cli("reload")
+    assert refused.returncode == 1, refused.stdout
+    assert "the config cannot be applied; nothing was changed" in refused.stderr
+    assert f"cannot bind 127.0.0.1:{taken}: Address already in use" in refused.stderr
+    # Every listener is where it was, and nothing was restarted.
+    assert _metrics_up(metrics)
+    before = len(results(out))
+    wait_until(lambda: len(results(out)) > before + 3, 10, "the agent still calling")
+    assert all(line.startswith("ok 200") for line in results(out)[before:])
+    assert (fleet.agent("sidecar")["pid"], fleet.agent("Caller")["pid"]) == (sidecar, caller)
+    assert fleet.status()["state"] == "ok"
+    # Once the port is free, the same reload applies.
+    applied = fleet.cli("reload", "--json")
+    assert applied.returncode == 0, applied.stderr
+    assert json.loads(applied.stdout)["changed"] == ["sidecar"]
+    wait_until(lambda: _metrics_up(taken), 15, "metrics on the new port")
+    assert not _metrics_up(metrics)
