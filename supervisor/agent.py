@@ -40,6 +40,8 @@ class _Run:
     proc: asyncio.subprocess.Process
     started: float  # monotonic
     kill_reason: str | None = None
+    terminated_at: float | None = None  # monotonic, when SIGTERM was sent
+
 
 
 class Agent:
@@ -237,6 +239,11 @@ class Agent:
         self.last_exit = process.describe_exit(rc)
         run, self._run = self._run, None
         if not self._want_running:
+            # One line per agent on the way down: the journal shows the stop order and
+            # which agent was slow to go (or needed SIGKILL, logged by _force_kill).
+            took = ("" if run.terminated_at is None
+                    else f" {time.monotonic() - run.terminated_at:.2f} s after SIGTERM")
+            log.info("%s: stopped, %s%s", self.name, self.last_exit, took)
             self._transition(Event.GONE, "stopped")
             return Event.GONE, 0.0
         description = run.kill_reason or self.last_exit
@@ -320,6 +327,7 @@ class Agent:
         elif self.state in (State.STARTING, State.RUNNING):
             self._transition(Event.STOP, "stopping")
         process.signal_group(run.proc.pid, signal.SIGTERM)
+        run.terminated_at = time.monotonic()
         asyncio.get_running_loop().call_later(
             self.spec.restart.stop_grace_s, self._force_kill, run
         )
