@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
+    p = sub.add_parser(
+        "cleanup", help="undo what a supervisor that died left behind (ExecStopPost=)",
+        description="Kill the agents a supervisor that died without stopping (SIGKILL, OOM) "
+        "left running, as recorded in the runtime dir, and remove its nftables redirects. "
+        "Every start does this too; systemd runs it after every exit of the unit. Refuses "
+        "while a supervisor answers on the control socket. Exit 0: nothing is left; "
+        "1: a supervisor is running, or something could not be removed.")
+    _runtime_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("status", help="the host's state and a row per agent")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", type=float, metavar="SECONDS", default=None,
@@ -211,6 +221,27 @@ def _pids_of_running_supervisor() -> frozenset[int]:
             pids.add(row["pid"])
             pids.update(descendants(row["pid"]))
     return frozenset(pids)
+
+
+def cmd_cleanup(args) -> int:
+    from supervisor.control.client import Unreachable, request
+    from supervisor.daemon import clean_leftovers
+
+    runtime_dir = _runtime_dir(args.runtime_dir)
+    try:
+        running = request(runtime_dir, {"cmd": "status"}, timeout_s=2.0)
+    except (Unreachable, OSError):
+        running = None
+    if running is not None:
+        print(f"agentvisor: a supervisor is running (pid {running.get('pid')}) and owns "
+              "what it started; nothing done", file=sys.stderr)
+        return EXIT_BAD
+    done = clean_leftovers(runtime_dir)
+    if args.json:
+        print(json.dumps({"done": done}, indent=2))
+    else:
+        print("\n".join(done) if done else "nothing left behind")
+    return EXIT_BAD if any(line.startswith("could not") for line in done) else EXIT_OK
 
 
 def cmd_run(args) -> int:

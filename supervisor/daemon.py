@@ -27,13 +27,25 @@ from supervisor.policy.lifecycle import LIVE, State
 from supervisor import resources
 from supervisor.resources import ResourceSampler, check_limits
 from supervisor.systemd import Notifier
-from supervisor.traffic import ListenerError, Traffic
+from supervisor.traffic import ListenerError, Traffic, remove_stale_redirects
 
 # `agentvisor run`'s exit status when a listener cannot be bound: the same as for a bad
 # config, a failure systemd's Restart=on-failure retries.
 EXIT_NOT_STARTED = 1
 
 log = logging.getLogger("agentvisor")
+
+
+def clean_leftovers(runtime_dir: Path) -> list[str]:
+    """Undo what a supervisor that died without stopping (SIGKILL, OOM) left behind: its
+    agents' process groups, recorded in runtime_dir, and its nftables redirects. A line
+    per thing done. Run at every start, and by `agentvisor cleanup` (systemd's
+    ExecStopPost=), never while a supervisor of this host runs."""
+    done = [f"killed {line}" for line in process.kill_leftovers(runtime_dir / GROUPS_FILE)]
+    redirects = remove_stale_redirects()
+    if redirects is not None:
+        done.append(redirects)
+    return done
 
 
 
@@ -76,8 +88,8 @@ class Supervisor:
         cfg = self.config
         cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-        for line in process.kill_leftovers(cfg.runtime_dir / GROUPS_FILE):
-            log.warning("killed leftovers of a previous supervisor: %s", line)
+        for line in clean_leftovers(cfg.runtime_dir):
+            log.warning("left by a previous supervisor: %s", line)
         try:
             unsealed = secrets.unseal_into_store(cfg.secrets)
             if unsealed:

@@ -14,6 +14,8 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -34,6 +36,22 @@ LISTEN_BACKLOG = 1024  # agents queue here while the sidecar restarts
 # The sidecar restarts at once and keeps trying: without it no agent can reach anything.
 SIDECAR_RESTART = RestartPolicy(start_s=1.0, backoff=Backoff(initial_s=0.1, max_s=5.0),
                                 max_failures=10, window_s=60.0, fatal_retry_s=10.0)
+
+
+def remove_stale_redirects() -> str | None:
+    """Delete the nftables table a supervisor that died without stopping left behind,
+    so an uninterested uid's traffic is not sent to a sidecar that is gone. Only for
+    when no supervisor runs on this host: the table's name is ours alone. Returns what
+    was done, or None when there was nothing (or no nft, or no root, to look with)."""
+    if shutil.which("nft") is None or os.geteuid() != 0:
+        return None
+    if not nftables.exists(NFT_TABLE):
+        return None
+    try:
+        nftables.remove(NFT_TABLE)
+    except nftables.NftError as exc:
+        return f"could not remove nftables table inet {NFT_TABLE}: {exc}"
+    return f"removed nftables table inet {NFT_TABLE} (transparent redirects)"
 
 
 class ListenerError(Exception):

@@ -94,6 +94,16 @@ def remove(table: str) -> None:
     _nft(["-f", "-"], f"table inet {table}\ndelete table inet {table}\n")
 
 
+def exists(table: str) -> bool:
+    """Whether `table inet <table>` is installed (False where nft cannot tell)."""
+    _check_table(table)
+    try:
+        _nft(["list", "table", "inet", table], "")
+    except (NftError, OSError):
+        return False
+    return True
+
+
 def available() -> str | None:
     """None if nft can install our rules here, else why not."""
     if shutil.which("nft") is None:

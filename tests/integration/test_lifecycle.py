@@ -175,7 +175,7 @@ def test_agents_die_with_a_killed_supervisor_and_leftovers_are_reaped_on_restart
     fleet.start()
     # ...and the next supervisor kills the group its predecessor left behind.
     wait_until(lambda: not pid_alive(grandchild.pid), 10, "the leftover to be killed")
-    assert "killed leftovers" in fleet.supervisor_log()
+    assert "left by a previous supervisor: killed Forker: process group" in fleet.supervisor_log()
     fleet.wait_state("Forker", "RUNNING")
 
 

@@ -56,11 +56,12 @@ WATCHDOG_S = 3
 # - fresh mounts of those hierarchies on a private tmpfs at /sys/fs/cgroup, made
 #   read-only as container managers do, so systemd mounts no controller hierarchies
 #   (those would be the host's) and cannot remount the host's tmpfs;
-# - private tmpfs on /run, /var/lib and /var/log, where the unit's directories go.
+# - private tmpfs on /run, /var/lib and /var/log, where the unit's directories go;
+# - a network namespace of its own: its ports and nftables rules are its own.
 ENTER = """
 set -e
 for box in "$@"; do echo $$ > "$box/cgroup.procs"; done
-exec unshare --pid --fork --mount --uts --cgroup --mount-proc --propagation private \
+exec unshare --pid --fork --mount --uts --cgroup --net --mount-proc --propagation private \
     sh -c "$BOOT" sh
 """
 BOOT = """
@@ -180,7 +181,8 @@ class Machine:
     def run(self, *args: str, check: bool = True, timeout_s: float = 120
             ) -> subprocess.CompletedProcess:
         """A command inside the namespaces, as an operator's shell there would run it."""
-        result = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-u", *args],
+        result = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-u", "-n",
+                                 *args],
                                 capture_output=True, text=True, timeout=timeout_s)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n"
@@ -288,7 +290,7 @@ class Host:
                   "python": sys.executable, "secrets": {"names": ["DB_PASSWORD"]},
                   "upstreams": {"Hub": {"address": f"127.0.0.1:{self.ports['Hub']}",
                                         "protocol": "http"}},
-                  # The namespace shares the host's network: no fixed port.
+                  # Not the default port, so a mistake in the namespacing collides.
                   "sidecar": {"metrics_listen": f"127.0.0.1:{self.ports['metrics']}"},
                   "agent_groups": {"core": agents}}
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -458,3 +460,34 @@ def test_a_broken_config_fails_the_start_with_the_reason(host):
     finally:
         host.systemctl("stop", UNIT, check=False)
         host.systemctl("reset-failed", UNIT, check=False)
+
+
+def test_after_a_crash_the_unit_removes_the_transparent_redirects(host):
+    # ExecStopPost= runs `agentvisor cleanup` after every exit. With Restart=no (this
+    # instance's drop-in) the unit stays down, so what a crash leaves is observable.
+    machine, unit = host.machine, "agentvisor@crash.service"
+    dropin = machine.units / f"{unit}.d"
+    dropin.mkdir()
+    (dropin / "no-restart.conf").write_text("[Service]\nRestart=no\n")
+    machine.run("systemctl", "daemon-reload")
+    (host.dir / "crash.yaml").write_text(yaml.safe_dump({
+        "host": "CrashTest", "python": sys.executable,
+        "upstreams": {"Hub": {"address": f"127.0.0.1:{host.ports['Hub']}"}},
+        "sidecar": {"metrics_listen": f"127.0.0.1:{host.ports['metrics']}"},
+        # nobody cannot read this venv's python (under /root): the system's runs it.
+        "pc2_services": [{"name": "Idle", "user": 65534, "intercept": "transparent",
+                          "cwd": "/", "command": ["/usr/bin/python3", "-c",
+                                                  "import time\nwhile True: time.sleep(60)"]}],
+    }, sort_keys=False))
+    try:
+        machine.run("systemctl", "start", unit)
+        tables = machine.run("nft", "list", "tables").stdout
+        assert "inet agentvisor" in tables, host.log()[-2000:]
+        machine.kill(int(machine.show(unit, "MainPID")["MainPID"]), signal.SIGKILL)
+        wait_until(lambda: machine.show(unit, "ActiveState")["ActiveState"] == "failed", 30,
+                   "the unit to fail")
+        assert "agentvisor" not in machine.run("nft", "list", "tables").stdout
+        assert "removed nftables table inet agentvisor (transparent redirects)" in host.log()
+    finally:
+        machine.run("systemctl", "stop", unit, check=False)
+        machine.run("systemctl", "reset-failed", unit, check=False)

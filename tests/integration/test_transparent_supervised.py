@@ -9,13 +9,15 @@ real address; the sidecar answers for it, applies the upstream's policy and coun
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_transparent import ECHO, NOBODY, SYSTEM_PYTHON, ns  # noqa: F401
-from tests.integration.harness import wait_until
+from tests.integration.harness import pid_alive, wait_until
 
 UPSTREAM_PORT = 7001
 METRICS_PORT = 9901
@@ -31,6 +33,20 @@ while True:
     except OSError as e:
         out.write(f"error {{type(e).__name__}}\\n")
     time.sleep(0.05)
+"""
+
+# A legacy agent that forks a worker into its own process group and waits.
+FORKING_AGENT = """
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    while True:
+        time.sleep(60)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(pid))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+while True:
+    time.sleep(60)
 """
 
 
@@ -76,3 +92,68 @@ def test_supervisor_installs_redirects_and_the_agent_goes_through_the_sidecar(
     assert fleet.stop() == 0
     # Rules are removed on stop: nothing of ours is left in the host's firewall.
     assert "agentvisor" not in ns.run("nft", "list", "tables").stdout
+
+
+def _killed_with_leftovers(ns, fleet, public_dir) -> int:  # noqa: F811
+    """A supervisor with a transparent agent, SIGKILLed: returns the surviving worker's
+    pid. The agent dies with the supervisor (PDEATHSIG); the worker it forked does not,
+    and nothing removed the nftables table."""
+    (public_dir / "forking.py").write_text(FORKING_AGENT)
+    worker_pid_file = public_dir / "worker.pid"
+    fleet.write_config({
+        "upstreams": {"Echo": {"address": f"127.0.0.1:{UPSTREAM_PORT}"}},
+        "sidecar": {"metrics_listen": f"127.0.0.1:{METRICS_PORT}"},
+        "pc2_services": [{
+            "name": "Client", "command": [SYSTEM_PYTHON, str(public_dir / "forking.py"),
+                                          str(worker_pid_file)],
+            "user": NOBODY, "intercept": "transparent", "cwd": str(public_dir),
+        }],
+    })
+    fleet.start(prefix=("ip", "netns", "exec", ns.name))
+    fleet.wait_state("Client", "RUNNING")
+    worker = int(wait_until(lambda: worker_pid_file.exists() and worker_pid_file.read_text(),
+                            10, "the agent's worker"))
+    refused = ns.run(*fleet_cli(fleet, "cleanup"), check=False)
+    # Never under a live supervisor: it owns what it started.
+    assert refused.returncode == 1 and "a supervisor is running" in refused.stderr
+    assert "agentvisor" in ns.tables()
+    fleet.kill()  # SIGKILL: nothing of its own shutdown runs
+    assert pid_alive(worker) and "agentvisor" in ns.tables()
+    return worker
+
+
+def test_cleanup_undoes_what_a_killed_supervisor_left(ns, fleet, public_dir):  # noqa: F811
+    # What the unit's ExecStopPost= runs after a crash (test_systemd_pid1 runs it there).
+    worker = _killed_with_leftovers(ns, fleet, public_dir)
+
+    def cleanup() -> subprocess.CompletedProcess:
+        return ns.run(*fleet_cli(fleet, "cleanup", "--json"), check=False)
+
+    done = cleanup()
+    assert done.returncode == 0, done.stderr
+    lines = json.loads(done.stdout)["done"]
+    assert any(line.startswith("killed Client: process group") for line in lines), lines
+    assert "removed nftables table inet agentvisor (transparent redirects)" in lines
+    wait_until(lambda: not pid_alive(worker), 5, "the orphaned worker to be gone")
+    assert "agentvisor" not in ns.tables()
+    again = cleanup()
+    assert (again.returncode, json.loads(again.stdout)) == (0, {"done": []})
+
+
+def fleet_cli(fleet, *args: str) -> list[str]:
+    """`agentvisor ARGS` for this fleet's runtime dir, as a command line."""
+    return [sys.executable, "-m", "supervisor.cli", *args, "--runtime-dir",
+            str(fleet.runtime_dir)]
+
+
+def test_the_next_start_removes_leftovers_whatever_its_config(ns, fleet, public_dir):  # noqa: F811
+    worker = _killed_with_leftovers(ns, fleet, public_dir)
+    fleet.write_config({"pc2_services": [{"name": "Plain", "command": [
+        SYSTEM_PYTHON, "-c", "import time; time.sleep(600)"]}]})  # nothing transparent
+    fleet.start(prefix=("ip", "netns", "exec", ns.name))
+    fleet.wait_state("Plain", "RUNNING")
+    assert "agentvisor" not in ns.tables()
+    assert not pid_alive(worker)
+    log = fleet.supervisor_log()
+    assert "left by a previous supervisor: removed nftables table inet agentvisor" in log
+    assert "left by a previous supervisor: killed Client: process group" in log
