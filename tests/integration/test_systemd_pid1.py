@@ -1,24 +1,26 @@
 """The shipped `agentvisor@.service`, run by a real systemd as PID 1.
 
-The test boots systemd (the machine's own, Debian's 252 here) as PID 1 of a PID, mount
-and UTS namespace it creates, with private tmpfs on /run, /var/lib and /var/log, so the
-unit's RuntimeDirectory=, StateDirectory= and LogsDirectory= are real and nothing reaches
-the host's. systemd loads units only from a folder of the test's: the shipped unit with
-two paths rewritten (this checkout's `agentvisor` and a config in the test's folder) and
-a drop-in that adds only what a host adds (a credential, a shorter watchdog, a log file
-for failure messages). Every command an operator would type runs inside the namespace
-through nsenter: `systemctl`, `agentvisor status --json`.
+The test boots systemd (the machine's own, Debian's 252 here) as PID 1 of PID, mount,
+UTS, network and cgroup namespaces it creates (how, and why nothing reaches the host, is
+at ENTER and BOOT below). systemd loads units only from a folder of the test's: the
+shipped unit with two paths rewritten (this checkout's `agentvisor` and a config in the
+test's folder) and a drop-in that adds only what a host adds (a credential, a shorter
+watchdog, a log file for failure messages). Every command an operator would type runs
+inside the namespaces through nsenter: `systemctl`, `agentvisor status --json`, `nft`.
 
-What it shows, each of which `systemd-analyze verify` cannot: start returns only once
-the fleet is up (Type=notify, READY=1), a credential reaches the agent that asked for it
-and nothing else, reload applies a good config and refuses a bad one without touching
-the agents, a killed supervisor is restarted with its orphans gone (KillMode=mixed), a
-wedged one is caught by the watchdog, a broken config leaves the unit failed with the
-reason in its log, and stop runs agents down in reverse dependency order, sidecar last,
-and leaves the unit inactive with /run/agentvisor gone.
+What it shows, none of which `systemd-analyze verify` can: start returns only once the
+fleet is up (Type=notify, READY=1); a credential, plain (LoadCredential=) or sealed with
+`agentvisor secrets seal --systemd` (LoadCredentialEncrypted=), reaches the agent that
+asked for it and nothing else; reload applies a good config and refuses a bad one
+without touching the agents; a killed supervisor is restarted with its orphans gone
+(KillMode=mixed); a wedged one is caught by the watchdog; a broken config fails the start
+with the reason in its log; stop runs agents down in reverse dependency order, sidecar
+last, and leaves the unit inactive with /run/agentvisor gone; after a crash,
+ExecStopPost= removes the transparent redirects.
 
 Skipped, with the reason, where this cannot run: not root, no unshare/nsenter, no
-systemd binary, or a systemd that does not reach "running" here.
+systemd binary, a machine that systemd already runs, or a systemd that does not reach
+"running" here.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ WATCHDOG_S = 3
 # - fresh mounts of those hierarchies on a private tmpfs at /sys/fs/cgroup, made
 #   read-only as container managers do, so systemd mounts no controller hierarchies
 #   (those would be the host's) and cannot remount the host's tmpfs;
-# - private tmpfs on /run, /var/lib and /var/log, where the unit's directories go;
+# - private tmpfs on /run and /var/log, and a test folder as /var/lib, where the unit's
+#   directories go;
 # - a network namespace of its own: its ports and nftables rules are its own.
 ENTER = """
 set -e
@@ -67,7 +70,10 @@ exec unshare --pid --fork --mount --uts --cgroup --net --mount-proc --propagatio
 BOOT = """
 set -e
 mount --make-rprivate /
-for d in /run /var/lib /var/log; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+for d in /run /var/log; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
+# /var/lib on disk, as on a host: systemd-creds keeps its host key there, and refuses
+# to keep it on a memory filesystem.
+mount --bind "$VARLIB" /var/lib
 mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
 mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
 mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
@@ -138,6 +144,8 @@ class Machine:
             (self.units / f"{name}.target").write_text(
                 f"[Unit]\nDescription={name}\nDefaultDependencies=no\n")
         self.boot_log = root / "boot.log"
+        self.var_lib = root / "var-lib"
+        self.var_lib.mkdir(mode=0o755)
         self.proc: subprocess.Popen | None = None
         self.pid1 = 0
         self.boxes = [h / f"agentvisor-test-{os.getpid()}-{root.name}" for h in HIERARCHIES]
@@ -150,7 +158,8 @@ class Machine:
             self.proc = subprocess.Popen(
                 ["sh", "-c", ENTER, "sh", *map(str, self.boxes)],
                 env={**os.environ, "BOOT": BOOT, "UNITS": str(self.units),
-                     "SYSTEMD": SYSTEMD}, stdout=log, stderr=subprocess.STDOUT)
+                     "SYSTEMD": SYSTEMD, "VARLIB": str(self.var_lib)},
+                stdout=log, stderr=subprocess.STDOUT)
 
         def pid1() -> int:
             try:
@@ -178,11 +187,11 @@ class Machine:
             return f"{exc}; {self.boot_log.read_text()}"
         return None
 
-    def run(self, *args: str, check: bool = True, timeout_s: float = 120
-            ) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, timeout_s: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess:
         """A command inside the namespaces, as an operator's shell there would run it."""
         result = subprocess.run(["nsenter", "-t", str(self.pid1), "-m", "-p", "-u", "-n",
-                                 *args],
+                                 *args], input=input,
                                 capture_output=True, text=True, timeout=timeout_s)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n"
@@ -488,6 +497,43 @@ def test_after_a_crash_the_unit_removes_the_transparent_redirects(host):
                    "the unit to fail")
         assert "agentvisor" not in machine.run("nft", "list", "tables").stdout
         assert "removed nftables table inet agentvisor (transparent redirects)" in host.log()
+    finally:
+        machine.run("systemctl", "stop", unit, check=False)
+        machine.run("systemctl", "reset-failed", unit, check=False)
+
+
+def test_a_secret_sealed_with_systemd_creds_reaches_its_agent(host):
+    # The README's recipe: `agentvisor secrets seal NAME --systemd` on the host (bound to
+    # this machine's key, made by systemd-creds in the namespace's own /var/lib), then
+    # LoadCredentialEncrypted=. systemd decrypts it; only the agent that asked gets it.
+    machine, unit = host.machine, "agentvisor@sealed.service"
+    token = "t0ken-sealed-by-systemd-creds"  # a test value, planted on purpose
+    sealed = host.dir / "sealed"
+    sealed.mkdir()
+    machine.run(AGENTVISOR, "secrets", "seal", "API_TOKEN", "--systemd", "--out", str(sealed),
+                input=token)
+    cred = sealed / "API_TOKEN.cred"
+    assert token.encode() not in cred.read_bytes()
+    dropin = machine.units / f"{unit}.d"
+    dropin.mkdir()
+    (dropin / "sealed.conf").write_text(
+        f"[Service]\nLoadCredentialEncrypted=API_TOKEN:{cred}\n")
+    machine.run("systemctl", "daemon-reload")
+    agent = {"script_path": "agents/legacy.py", "required": True,
+             "port": host.ports["Worker"],
+             "env_vars": {"AGENT_PORT": str(host.ports["Worker"]),
+                          "STOP_LOG": str(host.stop_log), "API_TOKEN": "${API_TOKEN}"}}
+    (host.dir / "sealed.yaml").write_text(yaml.safe_dump({
+        "host": "SealedTest", "project_root": str(host.dir), "python": sys.executable,
+        "secrets": {"names": ["API_TOKEN"]}, "agent_groups": {"core": {"Api": agent}},
+    }, sort_keys=False))
+    try:
+        machine.run("systemctl", "start", unit)
+        status = host.status()
+        assert status["state"] == "ok", status
+        pid = next(a["pid"] for a in status["agents"] if a["name"] == "Api")
+        assert f"API_TOKEN={token}" in machine.environ(pid)
+        assert token not in json.dumps(status)
     finally:
         machine.run("systemctl", "stop", unit, check=False)
         machine.run("systemctl", "reset-failed", unit, check=False)
