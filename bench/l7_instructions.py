@@ -19,6 +19,10 @@ interpreter start-up and imports cancel out. Cases:
              the answer head is rebuilt without its hop-by-hop fields.
   listed     the same request and an answer whose Connection header names a field:
              the answer head is rebuilt line by line (rare).
+  live       the agent case on real sockets: the sidecar process itself (uvloop, its
+             transports and timers) under callgrind, nginx as the upstream, 16 keep-alive
+             clients outside valgrind; counted after a warm-up. User space only: the
+             kernel's share (about 70 % of the CPU) is not in any of these figures.
 
 Needs valgrind (Debian package). Usage: .venv/bin/python bench/l7_instructions.py
 Writes bench/results/l7_instructions.json.
@@ -192,6 +196,76 @@ def instructions(case: str, n: int) -> int:
     return int(found.group(1))
 
 
+# --- live: the sidecar process itself, on real sockets ------------------------------------
+
+LIVE_CONNECTIONS = 16
+LIVE_WARMUP = 1600  # fills the pools and caches before the counters are zeroed
+LIVE_REQUESTS = 16000
+
+
+async def _drive(port: int, per_connection: int) -> None:
+    """LIVE_CONNECTIONS keep-alive clients, one request at a time each, as the agents do."""
+    import asyncio
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(per_connection):
+            writer.write(_REQUESTS_GET)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"Content-Length: (\d+)", head, re.I)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+        writer.close()
+
+    await asyncio.gather(*(client() for _ in range(LIVE_CONNECTIONS)))
+
+
+def live_instructions(folder: Path) -> int:
+    """Instructions per request of a real sidecar process (uvloop, its sockets, its timers,
+    everything but the kernel) serving python-requests' GETs to nginx: the process runs
+    under callgrind, the counters are zeroed after a warm-up and dumped after
+    LIVE_REQUESTS requests sent by clients outside valgrind."""
+    import asyncio
+    import time
+
+    import yaml
+
+    from hot_path import free_port, get, start_nginx
+
+    upstream, listen, metrics = free_port(), free_port(), free_port()
+    nginx = start_nginx(folder / "nginx", upstream)
+    config = folder / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({
+        "upstreams": {"Nginx": {"address": f"127.0.0.1:{upstream}", "protocol": "http",
+                                "listen": f"127.0.0.1:{listen}"}},
+        "sidecar": {"metrics_listen": f"127.0.0.1:{metrics}"}}))
+    out = folder / "callgrind.out"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+         "-m", "sidecar.main", "--config", str(config), "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300  # imports under valgrind take a while
+        while get(listen) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("live: the sidecar did not start under valgrind")
+            time.sleep(0.5)
+        asyncio.run(_drive(listen, LIVE_WARMUP // LIVE_CONNECTIONS))
+        subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True,
+                       capture_output=True)
+        asyncio.run(_drive(listen, LIVE_REQUESTS // LIVE_CONNECTIONS))
+        subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
+                       capture_output=True)
+        dump = max(folder.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+        total = re.search(r"^summary: (\d+)", dump.read_text(), re.M)
+        if not total:
+            raise SystemExit(f"live: no summary in {dump}")
+        return round(int(total.group(1)) / LIVE_REQUESTS)
+    finally:
+        proc.terminate()
+        proc.wait()
+        nginx.proc.terminate()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--inner", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
@@ -208,6 +282,15 @@ def main() -> int:
               flush=True)
         small, large = instructions(case, SMALL), instructions(case, LARGE)
         rows[case] = {"instructions_per_request": round((large - small) / (LARGE - SMALL))}
+    if shutil.which("nginx") and shutil.which("callgrind_control"):
+        print(f"live: the sidecar under callgrind, {LIVE_REQUESTS} requests over "
+              f"{LIVE_CONNECTIONS} connections ...", file=sys.stderr, flush=True)
+        import tempfile
+        sys.path.insert(0, str(ROOT / "bench"))
+        with tempfile.TemporaryDirectory() as folder:
+            rows["live"] = {"instructions_per_request": live_instructions(Path(folder))}
+    else:
+        print("live: skipped (needs nginx: apt-get install nginx-light)", file=sys.stderr)
     print(f"\nhot path {'compiled' if sidecar.compiled() else 'interpreted'}")
     print(f"{'case':8s} {'instructions/request':>21s}")
     for case, r in rows.items():

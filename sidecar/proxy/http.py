@@ -382,11 +382,12 @@ class HttpProxy(asyncio.Protocol):
 
     __slots__ = (
         # fixed for the connection
-        "_route", "_forward", "_on_unrouted", "_loop", "_time", "_parser", "_fixed",
+        "_route", "_forward", "_on_unrouted", "_loop", "_time", "_parser", "_feed", "_fixed",
         "_fixed_state",
         "_max_header_bytes", "_max_pending_bytes", "_max_pending_requests",
         # the connection
-        "_transport", "_paused", "_agent_blocked", "_owed", "_eof", "_timer", "_timer_at",
+        "_transport", "_send", "_paused", "_agent_blocked", "_owed", "_eof", "_timer",
+        "_timer_at",
         # the request being parsed
         "_url", "_host", "_fields", "_chunked", "_framed", "_connection", "_head_bytes",
         "_head_raw", "_in_head", "_heads", "_parsing", "_lean", "_head_buf", "_head_at",
@@ -408,6 +409,9 @@ class HttpProxy(asyncio.Protocol):
         self._time = self._loop.time  # bound once: read twice per request
         self._lean = not forward  # heads read from their bytes: see on_headers_complete
         self._parser = httptools.HttpRequestParser(self if self._lean else _FieldByField(self))
+        # Bound once, like the clock: a call by name on an object compiled code does not
+        # own looks the method up in its type every time.
+        self._feed: Callable[[bytes], None] = self._parser.feed_data
         # A per-upstream listener knows its upstream, and so its limits, before the
         # first byte; the forward proxy learns them per request (the head's limit is
         # the default, since the head names the destination).
@@ -469,6 +473,7 @@ class HttpProxy(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._transport = transport
+        self._send: Callable[[bytes], None] = transport.write  # bound once (see _feed)
         transport.set_write_buffer_limits(self._max_pending_bytes)
 
     def data_received(self, data: bytes) -> None:
@@ -488,7 +493,7 @@ class HttpProxy(asyncio.Protocol):
                 self._head_buf = data
             self._head_at = 0
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgraded(data[exc.args[0]:])
             return
@@ -500,6 +505,7 @@ class HttpProxy(asyncio.Protocol):
                 self._in_head = True
                 self._heads -= 1
                 self._parser = httptools.HttpRequestParser(_FieldByField(self))
+                self._feed = self._parser.feed_data
                 self.data_received(rest)
                 return
             if isinstance(exc.__context__, _HeadTooLarge):
@@ -842,7 +848,7 @@ class HttpProxy(asyncio.Protocol):
         if conn is None or conn.transport is None:
             return  # still connecting: `_connected` flushes
         wire = self._wire
-        conn.transport.write(wire[0] if len(wire) == 1 else b"".join(wire))
+        conn.send(wire[0] if len(wire) == 1 else b"".join(wire))
         wire.clear()
         self._wire_bytes = 0
         req = self._current
@@ -1041,7 +1047,7 @@ class HttpProxy(asyncio.Protocol):
             if req is not None:
                 req.replied = True
             if self._transport is not None:
-                self._transport.write(reply[0] if len(reply) == 1 else b"".join(reply))
+                self._send(reply[0] if len(reply) == 1 else b"".join(reply))
             reply.clear()
 
     def _abandon(self, req: _Request, outcome: Outcome) -> None:
@@ -1167,9 +1173,9 @@ class _UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         # fixed
-        "loop", "_time", "state", "endpoint", "parser", "max_header_bytes",
+        "loop", "_time", "state", "endpoint", "parser", "feed", "max_header_bytes",
         # the connection
-        "transport", "proxy", "reused", "dead", "reading_paused", "_connecting",
+        "transport", "send", "proxy", "reused", "dead", "reading_paused", "_connecting",
         "_connect_timer",
         # the response being parsed
         "got_bytes", "head_buf", "head_at", "head_part", "length", "mode",
@@ -1184,6 +1190,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.state = state
         self.endpoint = endpoint
         self.parser = httptools.HttpResponseParser(self)
+        self.feed: Callable[[bytes], None] = self.parser.feed_data  # bound once (HttpProxy)
         self.max_header_bytes = state.policy.max_header_bytes
 
         self.transport: asyncio.Transport | None = None
@@ -1257,6 +1264,7 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        self.send: Callable[[bytes], None] = transport.write  # bound once (HttpProxy)
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None
@@ -1284,7 +1292,7 @@ class _UpstreamConnection(asyncio.Protocol):
                 self.head_buf = data
             self.head_at = 0
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserError as exc:
             if isinstance(exc, httptools.HttpParserCallbackError) and not isinstance(
                     exc.__context__, (_HeadTooLarge, _BadMessage)):
@@ -1529,7 +1537,7 @@ class _UpstreamConnection(asyncio.Protocol):
             proxy._wire_bytes = 0
         reply = proxy._reply
         if reply:
-            transport.write(reply[0] if len(reply) == 1 else b"".join(reply))
+            proxy._send(reply[0] if len(reply) == 1 else b"".join(reply))
             reply.clear()
 
     def _remember(self, target: bytes, capture: list[bytes]) -> None:
