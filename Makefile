@@ -19,7 +19,7 @@ SIDECAR_SRC := $(wildcard sidecar/*.py sidecar/*/*.py)
 TEST_DEBS := systemd:systemd-analyze nftables:nft iproute2:ip util-linux:setpriv
 BENCH_DEBS := haproxy:haproxy wrk:wrk nginx-light:nginx valgrind:valgrind
 
-.PHONY: install system-deps bench-deps demo test bench clean pure-python
+.PHONY: install system-deps bench-deps demo test bench clean pure-python deploy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ system-deps:
 
 bench-deps:
 	$(call ensure_debs,$(BENCH_DEBS))
+
+# One PC under systemd, as root: `make deploy HOST=mainpc` (or pc2; CONFIG=FILE for
+# another config). Unit, /etc/agentvisor/HOST.yaml (kept if present), validate, start or
+# reload, status: systemd/deploy.sh says each step.
+deploy: $(STAMP) $(COMPILED)
+	systemd/deploy.sh "$(HOST)" "$(CONFIG)"
 
 demo: $(STAMP) $(COMPILED)
 	config/demo/demo.sh

@@ -34,8 +34,8 @@ AGENTVISOR = str(Path(sys.executable).parent / "agentvisor")
 # - fresh mounts of those hierarchies on a private tmpfs at /sys/fs/cgroup, made
 #   read-only as container managers do, so systemd mounts no controller hierarchies
 #   (those would be the host's) and cannot remount the host's tmpfs;
-# - private tmpfs on /run and /var/log, and a test folder as /var/lib, where the unit's
-#   directories go;
+# - private tmpfs on /run and /var/log, a test folder as /var/lib, where the unit's
+#   directories go, and /etc overlaid (see BOOT);
 # - a network namespace of its own: its ports and nftables rules are its own.
 ENTER = """
 set -e
@@ -50,6 +50,11 @@ for d in /run /var/log; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
 # /var/lib on disk, as on a host: systemd-creds keeps its host key there, and refuses
 # to keep it on a memory filesystem.
 mount --bind "$VARLIB" /var/lib
+# /etc as the host's, but what is written there (a deployed unit, /etc/agentvisor)
+# lands in a test folder; and an empty /etc/systemd/system, so that none of the host's
+# own units (timesyncd would set the clock, which no namespace separates) is loaded.
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$ETC/upper,workdir=$ETC/work" /etc
+mount -t tmpfs -o mode=0755 tmpfs /etc/systemd/system
 mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
 mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
 mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
@@ -59,7 +64,7 @@ mount -o remount,ro /sys/fs/cgroup
 # namespace, and they reach this one only by propagation. These are new peer groups,
 # inside this namespace alone: nothing propagates to the host's.
 mount --make-rshared /
-exec env -i container=agentvisor-test SYSTEMD_UNIT_PATH="$UNITS" \
+exec env -i container=agentvisor-test SYSTEMD_UNIT_PATH="$UNITS:/etc/systemd/system" \
     "$SYSTEMD" --system --unit=agentvisor-test.target --log-target=null
 """
 # The host hierarchies the boot above needs: systemd 252's hybrid layout (a named v1
@@ -97,13 +102,16 @@ class Machine:
     def __init__(self, root: Path):
         self.root = root
         self.units = root / "units"
-        self.units.mkdir()
+        self.units.mkdir(parents=True)
         for name in TARGETS:
             (self.units / f"{name}.target").write_text(
                 f"[Unit]\nDescription={name}\nDefaultDependencies=no\n")
         self.boot_log = root / "boot.log"
         self.var_lib = root / "var-lib"
         self.var_lib.mkdir(mode=0o755)
+        self.etc = root / "etc"  # the overlay's writable layer: what was written to /etc
+        for d in ("upper", "work"):
+            (self.etc / d).mkdir(parents=True)
         self.proc: subprocess.Popen | None = None
         self.pid1 = 0
         self.boxes = [h / f"agentvisor-test-{os.getpid()}-{root.name}" for h in HIERARCHIES]
@@ -116,7 +124,7 @@ class Machine:
             self.proc = subprocess.Popen(
                 ["sh", "-c", ENTER, "sh", *map(str, self.boxes)],
                 env={**os.environ, "BOOT": BOOT, "UNITS": str(self.units),
-                     "SYSTEMD": SYSTEMD, "VARLIB": str(self.var_lib)},
+                     "SYSTEMD": SYSTEMD, "VARLIB": str(self.var_lib), "ETC": str(self.etc)},
                 stdout=log, stderr=subprocess.STDOUT)
 
         def pid1() -> int:

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Deploy agentvisor on this PC under systemd: `sudo make deploy HOST=mainpc` (or pc2).
+#
+#   1. installs agentvisor@.service, with ExecStart pointing at this clone, wherever it is;
+#   2. installs config/HOST.yaml (or CONFIG=FILE) as /etc/agentvisor/HOST.yaml, unless that
+#      file exists: a config edited on the PC is never overwritten;
+#   3. validates it (`agentvisor validate`), and stops here if it is invalid;
+#   4. first deploy: enables and starts agentvisor@HOST. Deploy again (after `git pull`):
+#      reloads it, so a changed config applies without restarting the agents, and says how
+#      to restart for new code;
+#   5. waits until every required agent runs (DEPLOY_WAIT_S, 60 s), then shows
+#      `agentvisor status`.
+#
+# Exit 0 when the unit runs the config with every required agent up; 1 on an invalid
+# config, a failed start or reload (systemctl's message and the journal's last lines are
+# printed) or a required agent still down at the deadline; 2 on bad usage.
+set -euo pipefail
+
+host="${1:-}"
+config="${2:-}"
+if [[ -z "$host" || ! "$host" =~ ^[A-Za-z0-9_.-]+$ ]]; then
+    echo "usage: make deploy HOST=NAME [CONFIG=FILE]   (NAME: mainpc, pc2, ...)" >&2
+    exit 2
+fi
+root="$(cd "$(dirname "$0")/.." && pwd)"
+config="${config:-$root/config/$host.yaml}"
+agentvisor="$root/.venv/bin/agentvisor"
+unit="agentvisor@$host.service"
+etc_config="/etc/agentvisor/$host.yaml"
+units_dir="${SYSTEMD_UNITS_DIR:-/etc/systemd/system}"
+
+if [[ "$(id -u)" != 0 ]]; then
+    echo "deploy: installs a systemd unit and /etc/agentvisor: run it as root" >&2
+    exit 1
+fi
+[[ -x "$agentvisor" ]] || { echo "deploy: $agentvisor is missing: run make install" >&2; exit 1; }
+
+step() { printf '==> %s\n' "$*"; }
+
+step "config: $etc_config"
+install -d -m 0755 /etc/agentvisor
+if [[ -e "$etc_config" ]]; then
+    echo "    kept as it is (remove it to install $config again)"
+else
+    [[ -r "$config" ]] || { echo "deploy: no config at $config (CONFIG=FILE)" >&2; exit 2; }
+    install -m 0644 "$config" "$etc_config"
+    echo "    installed from $config"
+fi
+
+running=false
+systemctl is-active --quiet "$unit" && running=true
+step "validate"
+# A running fleet holds its own ports: those are not conflicts (reload checks them itself).
+if $running; then
+    "$agentvisor" validate --offline "$etc_config"
+else
+    "$agentvisor" validate "$etc_config"
+fi
+
+step "unit: $units_dir/agentvisor@.service (ExecStart from $root)"
+# Written beside, then renamed: systemd never reads half a file.
+sed "s#/opt/agentvisor#$root#g" "$root/systemd/agentvisor@.service" \
+    > "$units_dir/.agentvisor@.service.new"
+mv "$units_dir/.agentvisor@.service.new" "$units_dir/agentvisor@.service"
+systemctl daemon-reload
+
+if $running; then
+    step "reload $unit (agents keep running; new code needs: systemctl restart $unit)"
+    if ! systemctl reload "$unit"; then
+        journalctl -u "$unit" -n 20 --no-pager 2>/dev/null || true
+        exit 1
+    fi
+else
+    step "enable and start $unit"
+    if ! systemctl enable --now "$unit"; then
+        systemctl status "$unit" --no-pager -l 2>/dev/null | tail -20 || true
+        exit 1
+    fi
+fi
+
+# A reload starts added agents and returns: wait (DEPLOY_WAIT_S, 60 s) until every
+# required one runs, saying what it waits for every 5 s.
+wait_s="${DEPLOY_WAIT_S:-60}"
+step "status (waiting up to ${wait_s} s for every required agent)"
+status() { "$agentvisor" status --runtime-dir /run/agentvisor "$@"; }
+deadline=$((SECONDS + wait_s))
+next_say=$((SECONDS + 5))
+until status >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+        status || true
+        echo "deploy: the unit runs, but not every required agent after ${wait_s} s" >&2
+        exit 1
+    fi
+    if ((SECONDS >= next_say)); then
+        status 2>&1 | head -1 | sed 's/^/    /'
+        next_say=$((SECONDS + 5))
+    fi
+    sleep 0.5
+done
+status
