@@ -12,11 +12,13 @@ else
 COMPILED := sidecar/.compiled-stamp
 endif
 SIDECAR_SRC := $(wildcard sidecar/*.py sidecar/*/*.py)
-# Debian packages for the real components: the tests use systemd-analyze (unit files),
-# nft and ip (transparent interception in network namespaces); the hot-path benchmark
+# Debian packages for the real components: the tests use systemd (its units, run under
+# a real PID 1), nft and ip (transparent interception in network namespaces),
+# nats-server (the NATS unit); the hot-path benchmark
 # compares against HAProxy, with nginx as the upstream and wrk as the load, and counts
 # the L7 proxy's instructions under valgrind.
-TEST_DEBS := systemd:systemd-analyze nftables:nft iproute2:ip util-linux:setpriv
+TEST_DEBS := systemd:systemd-analyze nftables:nft iproute2:ip util-linux:setpriv \
+	nats-server:nats-server
 BENCH_DEBS := haproxy:haproxy wrk:wrk nginx-light:nginx valgrind:valgrind
 
 .PHONY: install system-deps bench-deps demo test bench clean pure-python deploy
@@ -56,10 +58,10 @@ bench-deps:
 	$(call ensure_debs,$(BENCH_DEBS))
 
 # One PC under systemd, as root: `make deploy HOST=mainpc` (or pc2; CONFIG=FILE for
-# another config). Unit, /etc/agentvisor/HOST.yaml (kept if present), validate, start or
-# reload, status: systemd/deploy.sh says each step.
+# another config; NATS=1 to run the PC's nats-server too). Unit, /etc/agentvisor/HOST.yaml
+# (kept if present), validate, start or reload, status: systemd/deploy.sh says each step.
 deploy: $(STAMP) $(COMPILED)
-	systemd/deploy.sh "$(HOST)" "$(CONFIG)"
+	systemd/deploy.sh "$(HOST)" "$(CONFIG)" "$(NATS)"
 
 demo: $(STAMP) $(COMPILED)
 	config/demo/demo.sh

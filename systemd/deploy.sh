@@ -8,7 +8,9 @@
 #   4. first deploy: enables and starts agentvisor@HOST. Deploy again (after `git pull`):
 #      reloads it, so a changed config applies without restarting the agents, and says how
 #      to restart for new code;
-#   5. waits until every required agent runs (DEPLOY_WAIT_S, 60 s), then shows
+#   5. with NATS=1, first installs config/nats-HOST.conf as /etc/agentvisor/nats.conf
+#      (kept if present) and agentvisor-nats.service, starts it, waits for its port;
+#   6. waits until every required agent runs (DEPLOY_WAIT_S, 60 s), then shows
 #      `agentvisor status`.
 #
 # Exit 0 when the unit runs the config with every required agent up; 1 on an invalid
@@ -18,8 +20,9 @@ set -euo pipefail
 
 host="${1:-}"
 config="${2:-}"
-if [[ -z "$host" || ! "$host" =~ ^[A-Za-z0-9_.-]+$ ]]; then
-    echo "usage: make deploy HOST=NAME [CONFIG=FILE]   (NAME: mainpc, pc2, ...)" >&2
+with_nats="${3:-}"
+if [[ -z "$host" || ! "$host" =~ ^[A-Za-z0-9_.-]+$ || ! "$with_nats" =~ ^[01]?$ ]]; then
+    echo "usage: make deploy HOST=NAME [CONFIG=FILE] [NATS=1]   (NAME: mainpc, pc2, ...)" >&2
     exit 2
 fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,15 +40,20 @@ fi
 
 step() { printf '==> %s\n' "$*"; }
 
+# install_kept SRC DEST: copy unless DEST exists (an operator's edit wins).
+install_kept() {
+    if [[ -e "$2" ]]; then
+        echo "    kept as it is (remove it to install $1 again)"
+    else
+        [[ -r "$1" ]] || { echo "deploy: no file at $1" >&2; exit 2; }
+        install -m 0644 "$1" "$2"
+        echo "    installed from $1"
+    fi
+}
+
 step "config: $etc_config"
 install -d -m 0755 /etc/agentvisor
-if [[ -e "$etc_config" ]]; then
-    echo "    kept as it is (remove it to install $config again)"
-else
-    [[ -r "$config" ]] || { echo "deploy: no config at $config (CONFIG=FILE)" >&2; exit 2; }
-    install -m 0644 "$config" "$etc_config"
-    echo "    installed from $config"
-fi
+install_kept "$config" "$etc_config"
 
 running=false
 systemctl is-active --quiet "$unit" && running=true
@@ -63,6 +71,34 @@ sed "s#/opt/agentvisor#$root#g" "$root/systemd/agentvisor@.service" \
     > "$units_dir/.agentvisor@.service.new"
 mv "$units_dir/.agentvisor@.service.new" "$units_dir/agentvisor@.service"
 systemctl daemon-reload
+
+if [[ "$with_nats" == 1 ]]; then
+    # Before the supervisor: its unit is ordered after this one, and agents connect at
+    # start. nats.conf is the PC's (config/nats-HOST.conf), kept if already there.
+    command -v nats-server >/dev/null || [[ -x /usr/sbin/nats-server ]] || {
+        echo "deploy: NATS=1 needs nats-server (Debian: apt-get install nats-server)" >&2
+        exit 1; }
+    step "nats: /etc/agentvisor/nats.conf, agentvisor-nats.service"
+    install_kept "$root/config/nats-$host.conf" /etc/agentvisor/nats.conf
+    install -m 0644 "$root/systemd/agentvisor-nats.service" "$units_dir/"
+    systemctl daemon-reload
+    if systemctl is-active --quiet agentvisor-nats; then
+        systemctl reload agentvisor-nats  # nats-server re-reads its config on SIGHUP
+    elif ! systemctl enable --now agentvisor-nats; then
+        systemctl status agentvisor-nats --no-pager -l 2>/dev/null | tail -20 || true
+        exit 1
+    fi
+    # Type=simple: "started" is not "listening". Wait for the port, briefly.
+    port=$(sed -n 's/^port:[[:space:]]*\([0-9]*\).*/\1/p' /etc/agentvisor/nats.conf)
+    port="${port:-4222}"
+    for _ in $(seq 50); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.2
+    done
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || {
+        echo "deploy: agentvisor-nats runs but nothing listens on port $port" >&2; exit 1; }
+    echo "    listening on port $port"
+fi
 
 if $running; then
     step "reload $unit (agents keep running; new code needs: systemctl restart $unit)"

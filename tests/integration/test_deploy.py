@@ -12,6 +12,7 @@ fleet runs on.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,43 @@ def test_deploy_without_a_host_is_a_usage_error():
                           text=True, timeout=120)
     assert done.returncode != 0
     assert "usage: make deploy HOST=NAME" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None and
+                    not Path("/usr/sbin/nats-server").exists(),
+                    reason="nats-server is not installed (Debian package: nats-server)")
+def test_deploy_with_nats_runs_the_pcs_nats_server_as_a_dynamic_user(tmp_path):
+    # PC2's deploy with NATS=1: config/nats-pc2.conf (port 4223, JetStream) and the
+    # shipped agentvisor-nats.service, as they are, under the machine's systemd.
+    machine = Machine(tmp_path / "machine")
+    reason = machine.boot()
+    if reason is not None:
+        machine.shutdown()
+        pytest.skip(f"systemd does not run as PID 1 of a namespace here: {reason}")
+    try:
+        (tmp_path / "idle.py").write_text(IDLE)
+        config = tmp_path / "pc2.yaml"
+        config.write_text(_config(tmp_path, {"Register": free_port()}))
+        done = machine.run("make", "-s", "-C", str(ROOT), "deploy", "HOST=pc2",
+                           f"CONFIG={config}", "NATS=1", check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "listening on port 4223" in done.stdout
+        nats = machine.show("agentvisor-nats.service", "ActiveState", "MainPID")
+        assert nats["ActiveState"] == "active", nats
+        # A throwaway uid, not root; JetStream on, its store in the StateDirectory.
+        owner = machine.run("ps", "-o", "user=", "-p", nats["MainPID"]).stdout.strip()
+        assert owner not in ("root", "0", ""), owner
+        info = machine.run(sys.executable, "-c", (
+            "import socket; s = socket.create_connection(('127.0.0.1', 4223), timeout=5);"
+            "print(s.recv(4096).decode())")).stdout
+        assert info.startswith("INFO ") and '"jetstream":true' in info, info
+        machine.run("test", "-d", "/var/lib/private/agentvisor-nats/jetstream")
+        # Deploy again: the running server is reloaded (SIGHUP), not restarted.
+        again = machine.run("make", "-s", "-C", str(ROOT), "deploy", "HOST=pc2",
+                            "NATS=1", check=False)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert machine.show("agentvisor-nats.service", "MainPID")["MainPID"] == nats["MainPID"]
+    finally:
+        machine.run("systemctl", "stop", "agentvisor@pc2.service", "agentvisor-nats.service",
+                    check=False)
+        machine.shutdown()

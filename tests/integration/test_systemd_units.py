@@ -2,8 +2,9 @@
 
 verify checks that every Exec*= binary exists, so each unit is copied to a temporary
 directory with /opt/agentvisor/.venv/bin/agentvisor replaced by this venv's console
-script (or a stand-in script when the package is not installed) and nats-server by a
-stand-in when it is not installed. It runs offline: no systemd as PID 1 is needed.
+script (or a stand-in script when the package is not installed), and nats-server, named
+bare as systemd finds it, by a stand-in when it is not installed. It runs offline: no
+systemd as PID 1 is needed (test_systemd_pid1 and test_deploy run the units under one).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "systemd"
 INSTALLED_AGENTVISOR = "/opt/agentvisor/.venv/bin/agentvisor"
-INSTALLED_NATS = "/usr/bin/nats-server"
+NATS_EXEC = "ExecStart=nats-server "  # a bare name, found by systemd's search path
 ANALYZE = shutil.which("systemd-analyze")
 
 pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -51,8 +52,9 @@ def complaints(tmp_path: Path, text: str, as_name: str) -> list[str]:
     agentvisor = Path(sys.executable).parent / "agentvisor"
     if not agentvisor.exists():  # the package is not installed into this venv
         agentvisor = Path(stand_in(tmp_path, "agentvisor"))
-    nats = shutil.which("nats-server") or stand_in(tmp_path, "nats-server")
-    text = text.replace(INSTALLED_AGENTVISOR, str(agentvisor)).replace(INSTALLED_NATS, nats)
+    text = text.replace(INSTALLED_AGENTVISOR, str(agentvisor))
+    if shutil.which("nats-server") is None:  # not installed: a stand-in, by its path
+        text = text.replace(NATS_EXEC, f"ExecStart={stand_in(tmp_path, 'nats-server')} ")
     units = tmp_path / "units"
     units.mkdir(parents=True, exist_ok=True)
     unit = units / as_name
