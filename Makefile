@@ -21,7 +21,7 @@ TEST_DEBS := systemd:systemd-analyze nftables:nft iproute2:ip util-linux:setpriv
 	nats-server:nats-server
 BENCH_DEBS := haproxy:haproxy wrk:wrk nginx-light:nginx valgrind:valgrind
 
-.PHONY: install system-deps bench-deps demo test bench clean pure-python deploy
+.PHONY: install system-deps bench-deps demo test bench clean pure-python deploy undeploy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-deps:
 # (kept if present), validate, start or reload, status: systemd/deploy.sh says each step.
 deploy: $(STAMP) $(COMPILED)
 	systemd/deploy.sh "$(HOST)" "$(CONFIG)" "$(NATS)"
+
+# The way back: stop and disable agentvisor@HOST; configs stay for the next deploy.
+undeploy:
+	systemd/deploy.sh --remove "$(HOST)"
 
 demo: $(STAMP) $(COMPILED)
 	config/demo/demo.sh

@@ -13,16 +13,25 @@
 #   6. waits until every required agent runs (DEPLOY_WAIT_S, 60 s), then shows
 #      `agentvisor status`.
 #
+# `make undeploy HOST=...` (--remove): stops and disables the unit, removes the unit file
+# when no instance is left, keeps the configs.
+#
 # Exit 0 when the unit runs the config with every required agent up; 1 on an invalid
 # config, a failed start or reload (systemctl's message and the journal's last lines are
 # printed) or a required agent still down at the deadline; 2 on bad usage.
 set -euo pipefail
 
+remove=false
+if [[ "${1:-}" == --remove ]]; then
+    remove=true
+    shift
+fi
 host="${1:-}"
 config="${2:-}"
 with_nats="${3:-}"
 if [[ -z "$host" || ! "$host" =~ ^[A-Za-z0-9_.-]+$ || ! "$with_nats" =~ ^[01]?$ ]]; then
     echo "usage: make deploy HOST=NAME [CONFIG=FILE] [NATS=1]   (NAME: mainpc, pc2, ...)" >&2
+    echo "       make undeploy HOST=NAME" >&2
     exit 2
 fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -35,6 +44,28 @@ units_dir="${SYSTEMD_UNITS_DIR:-/etc/systemd/system}"
 if [[ "$(id -u)" != 0 ]]; then
     echo "deploy: installs a systemd unit and /etc/agentvisor: run it as root" >&2
     exit 1
+fi
+if [[ ! -d /run/systemd/system ]]; then
+    echo "deploy: systemd does not run this machine (PID 1); start the fleet with" \
+         "'$agentvisor run --config FILE' under whatever does" >&2
+    exit 1
+fi
+
+if $remove; then
+    # The way back: the fleet stops (in order, sidecar last) and does not come back at
+    # boot; the configs stay, so a deploy brings it back as it was.
+    printf '==> stop and disable %s\n' "$unit"
+    systemctl disable --now "$unit"
+    # Another instance still running or enabled keeps the shared unit file.
+    if ! systemctl list-units --state=active --plain --no-legend 'agentvisor@*' | grep -q . \
+            && ! compgen -G "$units_dir/*.wants/agentvisor@*.service" >/dev/null; then
+        rm -f "$units_dir/agentvisor@.service"
+        systemctl daemon-reload
+        echo "    removed $units_dir/agentvisor@.service (no instance left)"
+    fi
+    echo "    kept $etc_config and /etc/agentvisor/nats.conf; agentvisor-nats, if" \
+         "deployed, runs on (systemctl disable --now agentvisor-nats)"
+    exit 0
 fi
 [[ -x "$agentvisor" ]] || { echo "deploy: $agentvisor is missing: run make install" >&2; exit 1; }
 

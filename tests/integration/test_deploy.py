@@ -6,7 +6,8 @@ First deploy: the unit is installed pointing at this clone, the config copied to
 /etc/agentvisor, validated, the unit enabled and started, status shown. Deploy again
 after editing the config on the PC: the edit is kept, the unit reloaded, the agents
 already running untouched. An invalid edit: deploy stops at validation, exit 1, and the
-fleet runs on.
+fleet runs on. Undeploy: stopped, disabled, unit file gone, config kept for the next
+deploy. And where systemd does not run the machine, deploy says so and changes nothing.
 """
 
 from __future__ import annotations
@@ -104,12 +105,39 @@ def test_deploy_installs_starts_and_redeploys_without_touching_the_agents(machin
     assert {n: a["pid"] for n, a in _agents(machine).items()} == \
         {n: a["pid"] for n, a in agents.items()}
 
+    # The way back: undeploy stops and disables the fleet and removes the unit file; the
+    # PC's config stays, so deploying again brings the fleet back as it was.
+    machine.run("sh", "-c", f"sed -i 's/port: 80000/port: {ports['Ledger']}/' {ETC_CONFIG}")
+    gone = machine.run("make", "-s", "-C", str(ROOT), "undeploy", f"HOST={HOST}",
+                       check=False)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    assert machine.run("systemctl", "is-enabled", UNIT, check=False).returncode != 0
+    assert machine.run("systemctl", "is-active", UNIT, check=False).stdout.strip() \
+        == "inactive"
+    assert machine.run("test", "-e", "/etc/systemd/system/agentvisor@.service",
+                       check=False).returncode != 0
+    assert machine.run("test", "-e", ETC_CONFIG, check=False).returncode == 0
+    back = _deploy(machine)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert "kept as it is" in back.stdout and f"enable and start {UNIT}" in back.stdout
+    assert {n: a["state"] for n, a in _agents(machine).items()} == \
+        {"Register": "RUNNING", "Ledger": "RUNNING"}
+
 
 def test_deploy_without_a_host_is_a_usage_error():
     done = subprocess.run(["make", "-s", "-C", str(ROOT), "deploy"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0
     assert "usage: make deploy HOST=NAME" in done.stderr
+
+
+def test_deploy_where_systemd_does_not_run_the_machine_says_so_and_touches_nothing():
+    # This host (the skip condition guarantees it): no systemd as PID 1.
+    done = subprocess.run(["make", "-s", "-C", str(ROOT), "deploy", "HOST=nowhere"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "systemd does not run this machine (PID 1)" in done.stderr
+    assert not Path("/etc/agentvisor/nowhere.yaml").exists()
 
 
 @pytest.mark.skipif(shutil.which("nats-server") is None and
