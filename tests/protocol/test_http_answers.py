@@ -150,3 +150,36 @@ def test_any_answers_in_any_reads_reach_the_agent_as_the_same_messages(sent, dat
         connect.accept()
     connect.respond(OK)
     assert agent.take() == OK
+
+
+def test_a_repeated_answer_head_is_treated_alike_and_a_different_one_on_its_own():
+    # The proxy remembers the last answer head it saw from an upstream with its verdict
+    # (an upstream under load repeats them byte for byte). The same head must get the
+    # same treatment; any other head, even one differing only in Connection, its own.
+    rig = Rig()
+    proxy, agent = rig.agent()
+    plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    # As long as `plain`, so only a comparison of the whole head tells them apart.
+    closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\nX:z\r\n\r\nok"
+    assert len(closing) == len(plain)
+    connect = up = None
+    for answer in (plain, plain, closing, plain):
+        connects = len(rig.loop.connects)
+        proxy.data_received(GET)
+        if len(rig.loop.connects) > connects:  # the first, or after `closing`
+            connect = rig.loop.connects[-1]
+            up = connect.accept()
+        up.take()
+        connect.respond(answer)
+        got = agent.take()
+        if answer is plain:
+            assert got == plain  # as it came
+            assert not up.closed
+        else:
+            # Rebuilt for the agent (its connection stays open), and the upstream's
+            # connection, which asked to close, is not kept.
+            assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\nok")
+            assert b"close" not in got.lower()
+            assert up.closed
+        assert not agent.closed
+    assert rig.stats.outcomes["ok"] == 4
