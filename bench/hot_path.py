@@ -511,13 +511,26 @@ def floor_lines(medians: dict) -> list[str]:
     sat = str(SATURATION_CONNS)
     cpu = {t: medians[t][sat]["cpu_us_per_request"] for t in (FLOOR, FLOORED, peer)}
     rps = {t: medians[t][sat]["rps"] for t in (FLOOR, FLOORED, peer)}
-    return [
+    lines = [
         f"{FLOOR} (uvloop + httptools, no policy): {cpu[FLOOR]:.1f} us CPU per request, "
         f"{rps[FLOOR] / rps[peer]:.1%} of {peer}'s throughput; {peer}: {cpu[peer]:.1f} us.",
         f"{FLOORED} over {FLOOR}: +{cpu[FLOORED] - cpu[FLOOR]:.1f} us CPU per request for "
         f"its own work (timeouts, breaker, retry budget, metrics, pooling, Host and "
         f"hop-by-hop rewriting); {rps[FLOORED] / rps[FLOOR]:.1%} of {FLOOR}'s throughput.",
     ]
+    # The latency a proxy on this stack adds with no policy at all, as a ratio to the
+    # peer's: what the sidecar's own ratio should be read against.
+    added = {t: medians[t][sat] for t in (FLOOR, FLOORED, peer)}
+    ratios = []
+    for k in ("p50_us", "p99_us"):
+        key = f"added_{k}"
+        if all(key in added[t] for t in added) and added[peer][key] > 0:
+            ratios.append(f"{k[:3]} {added[FLOOR][key] / added[peer][key]:.2f}x "
+                          f"(sidecar {added[FLOORED][key] / added[peer][key]:.2f}x)")
+    if ratios:
+        lines.append(f"{FLOOR}'s added latency @{sat} conn over {peer}'s: "
+                     + ", ".join(ratios) + ".")
+    return lines
 
 
 def comparison_rows(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
