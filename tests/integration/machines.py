@@ -198,6 +198,19 @@ class Machine:
             wait_until(lambda: _remove_tree(box), 10, f"{box} to be removable")
 
 
+def booted(root: Path) -> Machine:
+    """A machine booted in folder `root`; the calling test is skipped, with the reason,
+    where systemd cannot run as PID 1 here."""
+    import pytest
+
+    machine = Machine(root)
+    reason = machine.boot()
+    if reason is not None:
+        machine.shutdown()
+        pytest.skip(f"systemd does not run as PID 1 of a namespace here: {reason}")
+    return machine
+
+
 def _remove_tree(top: Path) -> bool:
     """rmdir a cgroup and everything below it, deepest first; True once it is gone."""
     if not top.exists():

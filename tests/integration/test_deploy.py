@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.integration.harness import free_port
-from tests.integration.machines import AGENTVISOR, ROOT, Machine, skip_reason
+from tests.integration.machines import AGENTVISOR, ROOT, Machine, booted, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
@@ -45,14 +45,9 @@ def _config(folder: Path, agents: dict[str, int]) -> str:
 
 @pytest.fixture
 def machine(tmp_path):
-    m = Machine(tmp_path / "machine")
-    reason = m.boot()
-    if reason is not None:
-        m.shutdown()
-        pytest.skip(f"systemd does not run as PID 1 of a namespace here: {reason}")
+    m = booted(tmp_path / "machine")
     yield m
-    m.run("systemctl", "stop", UNIT, check=False)
-    m.shutdown()
+    m.shutdown()  # every process of the machine ends with its PID 1
 
 
 def _deploy(machine: Machine, *extra: str) -> subprocess.CompletedProcess:
@@ -143,38 +138,28 @@ def test_deploy_where_systemd_does_not_run_the_machine_says_so_and_touches_nothi
 @pytest.mark.skipif(shutil.which("nats-server") is None and
                     not Path("/usr/sbin/nats-server").exists(),
                     reason="nats-server is not installed (Debian package: nats-server)")
-def test_deploy_with_nats_runs_the_pcs_nats_server_as_a_dynamic_user(tmp_path):
+def test_deploy_with_nats_runs_the_pcs_nats_server_as_a_dynamic_user(machine, tmp_path):
     # PC2's deploy with NATS=1: config/nats-pc2.conf (port 4223, JetStream) and the
     # shipped agentvisor-nats.service, as they are, under the machine's systemd.
-    machine = Machine(tmp_path / "machine")
-    reason = machine.boot()
-    if reason is not None:
-        machine.shutdown()
-        pytest.skip(f"systemd does not run as PID 1 of a namespace here: {reason}")
-    try:
-        (tmp_path / "idle.py").write_text(IDLE)
-        config = tmp_path / "pc2.yaml"
-        config.write_text(_config(tmp_path, {"Register": free_port()}))
-        done = machine.run("make", "-s", "-C", str(ROOT), "deploy", "HOST=pc2",
-                           f"CONFIG={config}", "NATS=1", check=False)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "listening on port 4223" in done.stdout
-        nats = machine.show("agentvisor-nats.service", "ActiveState", "MainPID")
-        assert nats["ActiveState"] == "active", nats
-        # A throwaway uid, not root; JetStream on, its store in the StateDirectory.
-        owner = machine.run("ps", "-o", "user=", "-p", nats["MainPID"]).stdout.strip()
-        assert owner not in ("root", "0", ""), owner
-        info = machine.run(sys.executable, "-c", (
-            "import socket; s = socket.create_connection(('127.0.0.1', 4223), timeout=5);"
-            "print(s.recv(4096).decode())")).stdout
-        assert info.startswith("INFO ") and '"jetstream":true' in info, info
-        machine.run("test", "-d", "/var/lib/private/agentvisor-nats/jetstream")
-        # Deploy again: the running server is reloaded (SIGHUP), not restarted.
-        again = machine.run("make", "-s", "-C", str(ROOT), "deploy", "HOST=pc2",
-                            "NATS=1", check=False)
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert machine.show("agentvisor-nats.service", "MainPID")["MainPID"] == nats["MainPID"]
-    finally:
-        machine.run("systemctl", "stop", "agentvisor@pc2.service", "agentvisor-nats.service",
-                    check=False)
-        machine.shutdown()
+    (tmp_path / "idle.py").write_text(IDLE)
+    config = tmp_path / "pc2.yaml"
+    config.write_text(_config(tmp_path, {"Register": free_port()}))
+    done = machine.run("make", "-s", "-C", str(ROOT), "deploy", "HOST=pc2",
+                       f"CONFIG={config}", "NATS=1", check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "listening on port 4223" in done.stdout
+    nats = machine.show("agentvisor-nats.service", "ActiveState", "MainPID")
+    assert nats["ActiveState"] == "active", nats
+    # A throwaway uid, not root; JetStream on, its store in the StateDirectory.
+    owner = machine.run("ps", "-o", "user=", "-p", nats["MainPID"]).stdout.strip()
+    assert owner not in ("root", "0", ""), owner
+    info = machine.run(sys.executable, "-c", (
+        "import socket; s = socket.create_connection(('127.0.0.1', 4223), timeout=5);"
+        "print(s.recv(4096).decode())")).stdout
+    assert info.startswith("INFO ") and '"jetstream":true' in info, info
+    machine.run("test", "-d", "/var/lib/private/agentvisor-nats/jetstream")
+    # Deploy again: the running server is reloaded (SIGHUP), not restarted.
+    again = machine.run("make", "-s", "-C", str(ROOT), "deploy", "HOST=pc2",
+                        "NATS=1", check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert machine.show("agentvisor-nats.service", "MainPID")["MainPID"] == nats["MainPID"]

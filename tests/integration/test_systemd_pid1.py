@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from tests.integration.harness import free_port, wait_until
-from tests.integration.machines import AGENTVISOR, Machine, install_unit, skip_reason
+from tests.integration.machines import AGENTVISOR, Machine, booted, install_unit, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
@@ -133,11 +133,7 @@ class Host:
 
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory):
-    m = Machine(tmp_path_factory.mktemp("pid1"))
-    reason = m.boot()
-    if reason is not None:
-        m.shutdown()
-        pytest.skip(f"systemd does not run as PID 1 of a namespace here: {reason}")
+    m = booted(tmp_path_factory.mktemp("pid1"))
     yield m
     m.shutdown()
 

@@ -26,7 +26,7 @@ import yaml
 
 from tests.integration.harness import wait_until
 from tests.integration.machines import (
-    AGENTVISOR, Machine, add_hosts, install_unit, link, skip_reason,
+    AGENTVISOR, add_hosts, booted, install_unit, link, skip_reason,
 )
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
@@ -84,11 +84,7 @@ class PC:
         (self.dir / "reporter.py").write_text(REPORTER)
         self.log = self.dir / "supervisor.log"
         self.unit = f"agentvisor@{instance}.service"
-        self.machine = Machine(self.dir)
-        reason = self.machine.boot()
-        if reason is not None:
-            self.machine.shutdown()
-            pytest.skip(f"systemd does not run as PID 1 of a namespace here: {reason}")
+        self.machine = booted(self.dir)
         install_unit(self.machine, self.dir, self.log)
         (self.dir / f"{instance}.yaml").write_text(yaml.safe_dump(
             {"project_root": str(self.dir), "python": sys.executable, **config},
