@@ -43,7 +43,6 @@ class _Run:
     terminated_at: float | None = None  # monotonic, when SIGTERM was sent
 
 
-
 class Agent:
     def __init__(
         self,

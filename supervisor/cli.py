@@ -236,12 +236,14 @@ def cmd_cleanup(args) -> int:
         print(f"agentvisor: a supervisor is running (pid {running.get('pid')}) and owns "
               "what it started; nothing done", file=sys.stderr)
         return EXIT_BAD
-    done = clean_leftovers(runtime_dir)
+    done, problems = clean_leftovers(runtime_dir)
     if args.json:
-        print(json.dumps({"done": done}, indent=2))
+        print(json.dumps({"done": done, "problems": problems}, indent=2))
     else:
-        print("\n".join(done) if done else "nothing left behind")
-    return EXIT_BAD if any(line.startswith("could not") for line in done) else EXIT_OK
+        print("\n".join(done) if done or problems else "nothing left behind")
+        for line in problems:
+            print(f"agentvisor: {line}", file=sys.stderr)
+    return EXIT_BAD if problems else EXIT_OK
 
 
 def cmd_run(args) -> int:

@@ -16,6 +16,7 @@ import signal
 import time
 from pathlib import Path
 
+from sidecar.proxy import nftables
 from supervisor import config as cfgmod
 from supervisor import environment, process, secrets
 from supervisor.agent import Agent
@@ -36,17 +37,22 @@ EXIT_NOT_STARTED = 1
 log = logging.getLogger("agentvisor")
 
 
-def clean_leftovers(runtime_dir: Path) -> list[str]:
+def clean_leftovers(runtime_dir: Path) -> tuple[list[str], list[str]]:
     """Undo what a supervisor that died without stopping (SIGKILL, OOM) left behind: its
-    agents' process groups, recorded in runtime_dir, and its nftables redirects. A line
-    per thing done. Run at every start, and by `agentvisor cleanup` (systemd's
-    ExecStopPost=), never while a supervisor of this host runs."""
+    agents' process groups, recorded in runtime_dir, and its nftables redirects. Returns
+    a line per thing done and a line per thing that could not be undone. Run at every
+    start, and by `agentvisor cleanup` (systemd's ExecStopPost=), never while a
+    supervisor of this host runs."""
     done = [f"killed {line}" for line in process.kill_leftovers(runtime_dir / GROUPS_FILE)]
-    redirects = remove_stale_redirects()
-    if redirects is not None:
-        done.append(redirects)
-    return done
-
+    problems = []
+    try:
+        redirects = remove_stale_redirects()
+    except nftables.NftError as exc:
+        problems.append(f"could not remove the nftables redirects: {exc}")
+    else:
+        if redirects is not None:
+            done.append(redirects)
+    return done, problems
 
 
 class Supervisor:
@@ -88,8 +94,11 @@ class Supervisor:
         cfg = self.config
         cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-        for line in clean_leftovers(cfg.runtime_dir):
+        done, problems = clean_leftovers(cfg.runtime_dir)
+        for line in done:
             log.warning("left by a previous supervisor: %s", line)
+        for line in problems:
+            log.error("left by a previous supervisor: %s", line)
         try:
             unsealed = secrets.unseal_into_store(cfg.secrets)
             if unsealed:

@@ -42,15 +42,13 @@ def remove_stale_redirects() -> str | None:
     """Delete the nftables table a supervisor that died without stopping left behind,
     so an uninterested uid's traffic is not sent to a sidecar that is gone. Only for
     when no supervisor runs on this host: the table's name is ours alone. Returns what
-    was done, or None when there was nothing (or no nft, or no root, to look with)."""
+    was done, or None when there was nothing (or no nft, or no root, to look with);
+    raises nftables.NftError when the table is there and cannot be removed."""
     if shutil.which("nft") is None or os.geteuid() != 0:
         return None
     if not nftables.exists(NFT_TABLE):
         return None
-    try:
-        nftables.remove(NFT_TABLE)
-    except nftables.NftError as exc:
-        return f"could not remove nftables table inet {NFT_TABLE}: {exc}"
+    nftables.remove(NFT_TABLE)
     return f"removed nftables table inet {NFT_TABLE} (transparent redirects)"
 
 

@@ -131,13 +131,15 @@ def test_cleanup_undoes_what_a_killed_supervisor_left(ns, fleet, public_dir):  #
 
     done = cleanup()
     assert done.returncode == 0, done.stderr
-    lines = json.loads(done.stdout)["done"]
+    report = json.loads(done.stdout)
+    assert report["problems"] == []
+    lines = report["done"]
     assert any(line.startswith("killed Client: process group") for line in lines), lines
     assert "removed nftables table inet agentvisor (transparent redirects)" in lines
     wait_until(lambda: not pid_alive(worker), 5, "the orphaned worker to be gone")
     assert "agentvisor" not in ns.tables()
     again = cleanup()
-    assert (again.returncode, json.loads(again.stdout)) == (0, {"done": []})
+    assert (again.returncode, json.loads(again.stdout)) == (0, {"done": [], "problems": []})
 
 
 def fleet_cli(fleet, *args: str) -> list[str]:
