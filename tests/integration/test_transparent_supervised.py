@@ -50,6 +50,21 @@ while True:
 """
 
 
+def _one_transparent_agent(fleet, public_dir: Path, script: str, arg: Path, **extra) -> None:
+    """The host config of these tests: upstream Echo, and one agent "Client" running
+    `script arg` from public_dir as nobody, intercepted transparently."""
+    fleet.write_config({
+        "upstreams": {"Echo": {"address": f"127.0.0.1:{UPSTREAM_PORT}"}},
+        "sidecar": {"metrics_listen": f"127.0.0.1:{METRICS_PORT}"},
+        "pc2_services": [{
+            "name": "Client", "command": [SYSTEM_PYTHON, str(public_dir / script), str(arg)],
+            "user": NOBODY, "intercept": "transparent",
+            "cwd": str(public_dir),  # a folder its user may enter
+            **extra,
+        }],
+    })
+
+
 @pytest.fixture
 def public_dir():
     # nobody cannot enter pytest's 0700 tmp: the agent's script and results live here.
@@ -66,16 +81,8 @@ def test_supervisor_installs_redirects_and_the_agent_goes_through_the_sidecar(
     results = public_dir / "results.txt"
     results.touch()
     os.chmod(results, 0o666)
-    fleet.write_config({
-        "upstreams": {"Echo": {"address": f"127.0.0.1:{UPSTREAM_PORT}"}},
-        "sidecar": {"metrics_listen": f"127.0.0.1:{METRICS_PORT}"},
-        "pc2_services": [{
-            "name": "Client", "command": [SYSTEM_PYTHON, str(public_dir / "client.py"),
-                                          str(results)],
-            "user": NOBODY, "intercept": "transparent", "restart": {"start_s": 0.2},
-            "cwd": str(public_dir),  # a folder its user may enter
-        }],
-    })
+    _one_transparent_agent(fleet, public_dir, "client.py", results,
+                           restart={"start_s": 0.2})
     fleet.start(prefix=("ip", "netns", "exec", ns.name))
     fleet.wait_state("Client", "RUNNING")
     assert fleet.agent("sidecar")["state"] == "RUNNING"
@@ -100,15 +107,7 @@ def _killed_with_leftovers(ns, fleet, public_dir) -> int:  # noqa: F811
     and nothing removed the nftables table."""
     (public_dir / "forking.py").write_text(FORKING_AGENT)
     worker_pid_file = public_dir / "worker.pid"
-    fleet.write_config({
-        "upstreams": {"Echo": {"address": f"127.0.0.1:{UPSTREAM_PORT}"}},
-        "sidecar": {"metrics_listen": f"127.0.0.1:{METRICS_PORT}"},
-        "pc2_services": [{
-            "name": "Client", "command": [SYSTEM_PYTHON, str(public_dir / "forking.py"),
-                                          str(worker_pid_file)],
-            "user": NOBODY, "intercept": "transparent", "cwd": str(public_dir),
-        }],
-    })
+    _one_transparent_agent(fleet, public_dir, "forking.py", worker_pid_file)
     fleet.start(prefix=("ip", "netns", "exec", ns.name))
     fleet.wait_state("Client", "RUNNING")
     worker = int(wait_until(lambda: worker_pid_file.exists() and worker_pid_file.read_text(),
