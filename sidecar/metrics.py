@@ -54,6 +54,7 @@ class Outcome(enum.Enum):
     REJECTED = "rejected"  # refused by an open breaker, no fallback
     FALLBACK = "fallback"  # the breaker was open; a fallback response was served
     BAD_REQUEST = "bad_request"  # the agent's request was not HTTP we serve
+    CANCELLED = "cancelled"  # the agent left or stopped reading before its answer was in
 
 
 _OK: Final = Outcome.OK  # read per request

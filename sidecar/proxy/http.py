@@ -44,7 +44,7 @@ from sidecar.config import (
     FallbackKind,
 )
 from sidecar.metrics import FailureKind, Outcome
-from sidecar.policy.retry import may_retry
+from sidecar.policy.retry import IDEMPOTENT_METHODS, may_retry
 # A cut answer ends with RST (tcp.reset): it must fail the agent's read, not end it the
 # way a complete close-delimited answer ends.
 from sidecar.proxy.tcp import TcpRelay, adopt, reset
@@ -68,6 +68,14 @@ _NOT_FORWARDED_LINES: Final = re.compile(
     rb"\r\n(?:%s):[^\r]*" % b"|".join(sorted(_NOT_FORWARDED)), re.IGNORECASE)
 # Connection tokens that name no header to drop.
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Fields that frame the message: never hop-by-hop, whatever Connection says. A message
+# whose Connection names one would lose its framing on the way while its body still
+# went: the next hop would read that body as another message (request smuggling).
+_FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
+# The request lines the proxy serves end in one of these (llhttp also takes HTTP/0.9
+# lines, "GET /", which have no head to rewrite and no framing: refused).
+_HTTP11: Final = b" HTTP/1.1"
+_HTTP10: Final = b" HTTP/1.0"
 # The headers the proxy looks at, by lower-case name; any other (_PLAIN) is forwarded as
 # it is.
 _DROP: Final = 0
@@ -540,6 +548,13 @@ class HttpProxy(asyncio.Protocol):
             self._flush_wire()
 
     def eof_received(self) -> bool:
+        req = self._parsing
+        if req is not None and not req.complete and not req.done:
+            # The agent stopped sending inside a request's body: it can never complete,
+            # and waiting for the upstream's answer to half a request would end in a
+            # timeout charged to an upstream that did nothing wrong.
+            self._refuse(_BAD_REQUEST)
+            return self._transport is not None and self._owed is not None
         if self._current is None and not self._queue:
             self._release_held()  # now: the next agent may want it before we are gone
             return False  # nothing owed: close
@@ -585,6 +600,9 @@ class HttpProxy(asyncio.Protocol):
         self._heads += 1
         buf = self._head_buf
         at = self._head_at
+        # llhttp skips empty lines before a request line (RFC 9112 2.2): so do we.
+        while buf.startswith(b"\r\n", at) or buf.startswith(b"\n", at):
+            at += 1 if buf[at] == 10 else 2
         # llhttp accepted the head, and it refuses bare LF: the request line ends at the
         # first CRLF, the head at the first blank line after it.
         if at == 0 and len(buf) <= _SMALL_READ:
@@ -617,13 +635,21 @@ class HttpProxy(asyncio.Protocol):
                     heads.clear()
                 heads[fields] = known
         kept, framing, connection = known
+        # llhttp checked the request line: METHOD SP target SP HTTP/d.d, or an HTTP/0.9
+        # "METHOD SP target", which ends without a version.
+        proto = buf[line_end - 9:line_end] if line_end - 9 > at else b""
+        if proto != _HTTP11 and proto != _HTTP10:
+            raise _BadMessage
+        parser = self._parser
+        if framing and parser.should_upgrade():
+            # llhttp ends an Upgrade request at its head and leaves its body unread: the
+            # body would be taken for the next request. No protocol switch carries one.
+            raise _BadMessage
         if framing == _CHUNKED_BODY:
             raise _FieldByFieldFrom(at)
-        parser = self._parser
         # Most requests are GETs, each read beginning with one: no call for the name.
         method = _GET if at == 0 and buf.startswith(b"GET ") else parser.get_method()
-        # llhttp checked the request line: METHOD SP target SP HTTP/d.d
-        version = buf[line_end - 3:line_end]
+        version = proto[6:]
         if version == b"1.1" and (connection is None or connection == b"keep-alive"
                                    or connection == b"Keep-Alive"):
             keep_alive = True  # what llhttp would say: 1.1, and no close
@@ -649,6 +675,11 @@ class HttpProxy(asyncio.Protocol):
             raise _HeadTooLarge
         parser = self._parser
         method = parser.get_method()
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _BadMessage  # HTTP/0.9: see _HTTP11
+        if self._framed and method != b"CONNECT" and parser.should_upgrade():
+            raise _BadMessage  # an Upgrade request with a body: see on_headers_complete
         host_line = None
         if not self._forward:
             upstream, state = self._fixed, self._fixed_state
@@ -679,8 +710,7 @@ class HttpProxy(asyncio.Protocol):
         keep_alive = parser.should_keep_alive()
         # An HTTP/1.0 agent keeps its connection only when it says so: an agent that
         # keeps it and said nothing speaks 1.1, without asking the parser.
-        http10 = ((connection is not None or not keep_alive)
-                  and parser.get_http_version() == "1.0")
+        http10 = version == "1.0"
         req = _Request(method, host_line, fields, self._chunked, keep_alive, http10, target,
                        upstream, state)
         self._fields.clear()
@@ -903,6 +933,12 @@ class HttpProxy(asyncio.Protocol):
         if self._time() + _TIMER_SLACK_S < req.deadline:
             self._arm(req.deadline)  # a later request is in flight now
             return
+        if req.replied and self._agent_blocked:
+            # The upstream answered in time; the agent is not reading the answer, and
+            # the upstream waits on it: the agent's fault, cut without a verdict.
+            self._abandon(req, Outcome.CANCELLED)
+            self._end(req, cut=True)
+            return
         self._drop_conn()
         self._failure(req, FailureKind.TIMEOUT)
         if req.replied:  # half an answer is out: only a cut connection says so now
@@ -928,12 +964,19 @@ class HttpProxy(asyncio.Protocol):
             self._finish(req, Outcome.FAILED, cut=True)
             return
         self._reply.clear()  # a head not yet written: the request is answered afresh
-        if (kind is FailureKind.RESET and conn.reused and not got_bytes
-                and not req.fresh_retry and req.replay is not None):
+        if kind is FailureKind.RESET and conn.reused and not got_bytes:
             # A pooled connection the upstream closed as we reused it says nothing about
-            # the upstream's health: once, on a new connection, same admission.
-            req.fresh_retry = True
-            self._attempt(req, ep, fresh=True)  # flushed once connected
+            # the upstream's health. A request that may be repeated goes once more, on a
+            # new connection, same admission; any other may have been acted on, and is
+            # never sent twice: the agent hears so, and the breaker hears nothing.
+            if (req.method in IDEMPOTENT_METHODS and not req.fresh_retry
+                    and req.replay is not None):
+                req.fresh_retry = True
+                self._attempt(req, ep, fresh=True)  # flushed once connected
+                return
+            self._abandon(req, Outcome.FAILED)
+            self._reply.append(state.bad_gateway)
+            self._end(req)
             return
         self._failure(req, kind)
         settings = state.policy.retry
@@ -1108,6 +1151,8 @@ class HttpProxy(asyncio.Protocol):
                 upstream.stats.done(Outcome.BAD_REQUEST, 0.0)
             if req is not None:
                 self._owed = reply  # after the answer the agent is waiting for
+                if self._wire:  # what it asked before the bad bytes still goes
+                    self._flush_wire()
                 return
         self._release_held()
         transport.write(reply)
@@ -1408,8 +1453,14 @@ class _UpstreamConnection(asyncio.Protocol):
                 raise _BadMessage  # we never ask to switch protocols
             # 100 Continue and friends: the agent may be waiting for one (not 1.0).
             self.informational = True
-            if not req.http10:
-                reply.append(b"%s\r\n\r\n" % _status_line(head, head.index(b"\r\n")))
+            if not req.http10:  # with its fields (103 Early Hints has Link)
+                line_end = head.index(b"\r\n")
+                reply.append(_status_line(head, line_end))
+                reply.append(b"\r\n")
+                fields = head[line_end + 2:-2]
+                if fields:
+                    reply.append(_without(fields, _NOT_FORWARDED))
+                reply.append(b"\r\n")
             return
         state = self.state
         method = req.method
@@ -1459,20 +1510,24 @@ class _UpstreamConnection(asyncio.Protocol):
         reply.append(fields)
         close_agent = not req.keep_alive
         self.eof_body = False
+        # The proxy frames the body afresh: the codings other than chunked (and
+        # identity, which means none) stay, and chunked ends the list.
+        rechunked = _rechunked(te) if te is not None else _CHUNKED
         if method == b"HEAD" or status == 204 or status == 304:
             self.mode = _NO_BODY
             if te is not None and method == b"HEAD" and not req.http10:
-                reply.append(b"Transfer-Encoding: %s\r\n" % te)
+                reply.append(rechunked)
         elif te is None and self.length:
             self.mode = _AS_IS
         else:  # chunked, or delimited by the upstream's close
-            self.eof_body = te is None
+            # llhttp reads a body whose last coding is not chunked to the close.
+            self.eof_body = te is None or not te.lower().endswith(b"chunked")
             if req.http10:  # no chunked for 1.0: the close delimits the body
                 self.mode = _AS_IS
                 close_agent = True
             else:
                 self.mode = _RECHUNK
-                reply.append(b"Transfer-Encoding: %s\r\n" % te if te is not None else _CHUNKED)
+                reply.append(rechunked)
         self.close_agent = close_agent
         if close_agent:
             reply.append(_CLOSE)
@@ -1712,9 +1767,21 @@ def _response_fields(head: bytes, line_end: int, found: list[tuple[bytes, bytes]
     return fields + b"\r\n" if fields else b"", length, te
 
 
+def _rechunked(te: bytes) -> bytes:
+    """The Transfer-Encoding line for a body the proxy sends chunked, from the one the
+    upstream sent: its content codings, then chunked."""
+    codings = [c for c in (t.strip() for t in te.split(b","))
+               if c and c.lower() != b"chunked" and c.lower() != b"identity"]
+    return b"Transfer-Encoding: %s\r\n" % b", ".join([*codings, b"chunked"])
+
+
 def _listed(connection: bytes) -> set[bytes]:
-    """The field names a Connection header lists (RFC 9110 7.6.1), lower-case."""
-    return {t.strip().lower() for t in connection.split(b",")} - _CONNECTION_OPTIONS
+    """The field names a Connection header lists (RFC 9110 7.6.1), lower-case.
+    _BadMessage if it lists a framing field: the message's framing is in doubt."""
+    names = {t.strip().lower() for t in connection.split(b",")} - _CONNECTION_OPTIONS
+    if names & _FRAMING_NAMES:
+        raise _BadMessage
+    return names
 
 
 def _without(fields: bytes, names: frozenset[bytes] | set[bytes]) -> bytes:
