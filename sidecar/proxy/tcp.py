@@ -2,16 +2,26 @@
 
 Owns what the sidecar does to a TCP byte stream it does not parse: pick an endpoint the
 breaker admits, connect with a deadline, hand the breaker its verdict (refused, connect
-timeout, reset), close connections that stay idle, and carry half-closes and backpressure
-through. Used by the per-upstream listeners (`serve_upstream`), the transparent listener
-and HTTP CONNECT tunnels (`adopt` a transport another protocol accepted).
+timeout, reset, no answer), close connections that stay idle, and carry half-closes and
+backpressure through. Used by the per-upstream listeners (`serve_upstream`), the
+transparent listener and HTTP CONNECT tunnels (`adopt` a transport another protocol
+accepted).
 
 The one idea: two raw asyncio Protocols that write straight into each other's transports,
 with backpressure wired crosswise (a full write buffer on one side pauses reading on the
 other), so a relayed chunk costs one `write()` and one clock read: no task, no await, no
 copy, no timer work. Per connection there is one task (the connect) and one timer handle,
-first the connect deadline, then the idle check that re-arms itself from a last-activity
-time instead of being cancelled and re-armed on every chunk.
+first the connect deadline, then the check of the response and idle deadlines, which
+re-arms itself from times the data path stamps instead of being cancelled and re-armed
+on every chunk.
+
+Response timeout: a connection made proves only that the kernel accepts; a server whose
+process hangs still does. So once bytes from the agent are owed an answer (the oldest
+agent bytes relayed since the upstream last sent any: each request of a request/reply
+exchange) and the upstream sends nothing for `response_timeout_s`, that is a breaker
+failure. The breaker's success verdict, likewise, waits for the upstream's first bytes;
+with the response timeout off (0) it is given at connect, as a one-way stream never
+hears back. An upstream that speaks first owes nothing until the agent speaks after it.
 
 Failures end the agent's connection with a TCP reset (RST), not a FIN: the agent is
 released at once and sees an error (ECONNRESET), never a clean end of stream that it
@@ -59,6 +69,7 @@ class TcpRelay(asyncio.Protocol):
         "_upstream", "_greeting", "_refusal", "_loop", "_time",
         # the connection
         "_agent", "_up", "_ep", "_state", "_outcome", "_started", "_timer", "_last",
+        "_asked", "_due",
         # until the upstream is connected
         "_connect", "_pending", "_pending_bytes",
         # half-close: each side's FIN seen
@@ -85,6 +96,11 @@ class TcpRelay(asyncio.Protocol):
         self._started = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0  # loop time of the last byte relayed either way
+        # Loop time of the oldest agent bytes relayed since the upstream last sent any;
+        # 0.0 when nothing is owed (loop time is monotonic and never 0 in practice).
+        self._asked = 0.0
+        # The breaker admitted this call and is owed exactly one record() or release().
+        self._due = False
 
         self._connect: asyncio.Task | None = None
         self._pending: list[bytes] | None = None
@@ -109,6 +125,7 @@ class TcpRelay(asyncio.Protocol):
             self._end_agent(f"circuit breaker open for {upstream.name}")
             return
         self._ep = ep
+        self._due = True
         policy = upstream.policy
         transport.set_write_buffer_limits(policy.max_pending_bytes)
         self._timer = loop.call_at(now + policy.connect_timeout_s, self._connect_timed_out)
@@ -118,7 +135,9 @@ class TcpRelay(asyncio.Protocol):
         up = self._up
         if up is not None:
             up.write(data)
-            self._last = self._time()
+            now = self._last = self._time()
+            if self._asked == 0.0:
+                self._asked = now
         elif self._state == _CONNECTING:
             # uvloop reads before the upstream can be connected (and ignores a pause made
             # in connection_made): hold the bytes, bounded, and stop reading beyond that.
@@ -150,13 +169,11 @@ class TcpRelay(asyncio.Protocol):
         state = self._state
         self._state = _CLOSED
         if state == _CONNECTING:
-            # The agent left before the verdict: the admitted call ends with none.
-            timer, connect, ep = self._timer, self._connect, self._ep
+            timer, connect = self._timer, self._connect
             # connection_made chose an endpoint, armed the deadline and started the connect
-            assert timer is not None and connect is not None and ep is not None
+            assert timer is not None and connect is not None
             timer.cancel()
             connect.cancel()
-            ep.breaker.release()
         elif state == _RELAYING:
             timer, up = self._timer, self._up
             assert timer is not None and up is not None  # set in _upstream_made
@@ -165,6 +182,13 @@ class TcpRelay(asyncio.Protocol):
                 up.close()  # flush what the agent sent, then FIN
             else:
                 up.abort()
+        if self._due:
+            # Ended before the upstream gave a verdict (the agent left while connecting,
+            # or nobody said anything): the admitted call ends with none.
+            self._due = False
+            ep = self._ep
+            assert ep is not None  # chosen when the call was admitted
+            ep.breaker.release()
         stats = self._upstream.stats
         stats.active -= 1
         stats.done(self._outcome, self._time() - self._started)
@@ -226,12 +250,14 @@ class TcpRelay(asyncio.Protocol):
         self._state = _RELAYING
         self._up = transport
         now = self._time()
-        ep.breaker.record(True, now)
         policy = self._upstream.policy
+        if policy.response_timeout_s <= 0.0:
+            self._due = False
+            ep.breaker.record(True, now)
         transport.set_write_buffer_limits(policy.max_pending_bytes)
         timer.cancel()
         self._last = now
-        self._timer = loop.call_at(now + policy.idle_timeout_s, self._idle_check)
+        self._timer = loop.call_at(self._next_check(now), self._check)
 
         if self._greeting:
             agent.write(self._greeting)
@@ -242,6 +268,7 @@ class TcpRelay(asyncio.Protocol):
             if self._pending_bytes > policy.max_pending_bytes:
                 agent.resume_reading()
             transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            self._asked = now
         if self._agent_eof:
             transport.write_eof()
 
@@ -249,6 +276,9 @@ class TcpRelay(asyncio.Protocol):
 
     def _upstream_eof(self) -> bool:
         self._up_eof = True
+        # It has said all it will: nothing more can be owed (a server that hangs up
+        # without answering is not a hung one).
+        self._asked = 0.0
         if self._state == _RELAYING:
             if self._agent_eof:
                 self._close_both()
@@ -272,14 +302,50 @@ class TcpRelay(asyncio.Protocol):
 
     # --- timers and endings --------------------------------------------------------
 
-    def _idle_check(self) -> None:
+    def _answered(self) -> None:
+        """The upstream's first bytes: it works, whatever the agent makes of them."""
+        self._due = False
+        ep = self._ep
+        assert ep is not None  # relaying
+        ep.breaker.record(True, self._last)
+
+    def _next_check(self, now: float) -> float:
+        """When `_check` must look next: the idle deadline, or sooner the response
+        deadline. With nothing owed it still looks every response_timeout_s, so that a
+        request the data path stamps meanwhile is caught on time without the data path
+        touching the timer."""
+        policy = self._upstream.policy
+        at = self._last + policy.idle_timeout_s
+        response_s = policy.response_timeout_s
+        if response_s > 0.0:
+            asked = self._asked
+            at = min(at, (asked if asked != 0.0 else now) + response_s)
+        return at
+
+    def _check(self) -> None:
         if self._state != _RELAYING:
             return
-        deadline = self._last + self._upstream.policy.idle_timeout_s
-        if self._time() + _TIMER_SLACK_S < deadline:
+        now = self._time()
+        policy = self._upstream.policy
+        response_s = policy.response_timeout_s
+        if response_s > 0.0:
+            asked = self._asked
+            if asked != 0.0:
+                if now + _TIMER_SLACK_S >= asked + response_s:
+                    self._fail(FailureKind.TIMEOUT, f"no answer within {response_s:g} s")
+                    return
+            elif self._due:
+                # response_s since the connect and not a byte either way: there is no
+                # verdict to give yet, and in half-open this call holds a probe slot
+                # other agents wait for. Give it back; a later answer is not counted.
+                self._due = False
+                ep = self._ep
+                assert ep is not None  # relaying
+                ep.breaker.release()
+        if now + _TIMER_SLACK_S < self._last + policy.idle_timeout_s:
             loop = self._loop
             assert loop is not None  # set in connection_made
-            self._timer = loop.call_at(deadline, self._idle_check)
+            self._timer = loop.call_at(self._next_check(now), self._check)
             return
         ep, agent, up = self._ep, self._agent, self._up
         assert ep is not None and agent is not None and up is not None  # relaying: all set
@@ -307,6 +373,7 @@ class TcpRelay(asyncio.Protocol):
         # Connecting or relaying: the endpoint was chosen and a timer armed.
         assert timer is not None and ep is not None
         self._state = _CLOSED
+        self._due = False
         timer.cancel()
         ep.breaker.record(False, self._time(), reason)
         self._upstream.stats.failed(kind, ep.label)
@@ -342,7 +409,11 @@ class _UpstreamSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.agent.write(data)
-        self.relay._last = self.time()
+        relay = self.relay
+        relay._last = self.time()
+        relay._asked = 0.0
+        if relay._due:
+            relay._answered()
 
     def eof_received(self) -> bool:
         return self.relay._upstream_eof()

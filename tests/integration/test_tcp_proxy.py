@@ -563,3 +563,276 @@ def test_agent_leaving_while_connecting_gives_the_probe_back():
             sc.close()
 
     run(main())
+
+
+# --- response timeout: a server that accepts but never answers ---------------------
+
+RESPONSE_S = 0.3  # response_timeout_s in these tests
+
+
+class Replier(asyncio.Protocol):
+    """A request/reply server (one read, one answer, as ZeroMQ REQ/REP) that answers
+    `delay_s` after each request, optionally greets first, and stops answering (hangs,
+    connection kept) after `answers` replies. `answers=0` is a hung server."""
+
+    accepted = 0
+
+    def __init__(self, *, delay_s: float = 0.0, answers: int = -1, greeting: bytes = b""):
+        self.delay_s, self.answers, self.greeting = delay_s, answers, greeting
+
+    def connection_made(self, transport):
+        Replier.accepted += 1
+        self.t = transport
+        if self.greeting:
+            self.t.write(self.greeting)
+
+    def data_received(self, data):
+        if self.answers == 0:
+            return  # stuck: reads (the kernel would anyway) and never answers
+        self.answers -= 1
+        asyncio.get_running_loop().call_later(self.delay_s, self._answer, b"re:" + data)
+
+    def _answer(self, data):
+        if not self.t.is_closing():
+            self.t.write(data)
+
+
+async def ask(reader, writer, request: bytes, timeout_s: float = 5.0) -> bytes:
+    writer.write(request)
+    return await asyncio.wait_for(reader.readexactly(3 + len(request)), timeout_s)
+
+
+async def reset_after(reader, writer, request: bytes) -> float:
+    """Sends `request`, asserts the agent gets a reset (not a FIN, not bytes) within
+    about RESPONSE_S, and returns how long that took."""
+    started = time.monotonic()
+    writer.write(request)
+    assert await ended(reader, RESPONSE_S + 2.0) == "reset"
+    elapsed = time.monotonic() - started
+    assert RESPONSE_S - 0.01 <= elapsed < RESPONSE_S + PROMPT_S, elapsed
+    writer.close()
+    return elapsed
+
+
+def test_hung_upstream_is_reset_and_trips_the_default_breaker():
+    """ZeroMQ REQ/REP against a stuck server: each request is a failure the agent sees
+    as a reset, and the fleet's default breaker (5 failures in 60 s) opens."""
+    async def main():
+        sc = Sidecar()
+        try:
+            up = Upstream(policy(await sc.upstream(lambda: Replier(answers=0)),
+                                 response_timeout_s=RESPONSE_S))
+            listen = await sc.listen(up)
+            for i in range(5):
+                reader, writer = await connect(listen)
+                await reset_after(reader, writer, b"REQ %d" % i)
+            assert failures(up, FailureKind.TIMEOUT) == 5
+            breaker = up.endpoints[0].breaker
+            loop = asyncio.get_running_loop()
+            assert breaker.state_at(loop.time()) is BreakerState.OPEN
+            assert "no answer within 0.3 s" in breaker.trip_reason
+            await until(lambda: up.stats.active == 0, what="all accounted")
+            assert up.stats.outcomes[Outcome.FAILED.value] == 5
+
+            # Open: the next agent is reset at once, and the stuck server sees no one.
+            accepted = Replier.accepted
+            reader, writer = await connect(listen)
+            started = time.monotonic()
+            assert await ended(reader) == "reset"
+            assert time.monotonic() - started < RESPONSE_S
+            writer.close()
+            await until(lambda: up.stats.outcomes[Outcome.REJECTED.value] == 1, what="REJECTED")
+            assert Replier.accepted == accepted
+        finally:
+            sc.close()
+
+    run(main())
+
+
+def test_slow_answers_within_the_response_timeout_are_not_failures():
+    """Each request gets its own RESPONSE_S: four rounds that take twice as long in all
+    are fine, and so is an agent that says nothing for a while (nothing was asked)."""
+    async def main():
+        sc = Sidecar()
+        try:
+            up = Upstream(policy(await sc.upstream(lambda: Replier(delay_s=RESPONSE_S / 2)),
+                                 response_timeout_s=RESPONSE_S))
+            reader, writer = await connect(await sc.listen(up))
+            for i in range(4):
+                assert await ask(reader, writer, b"REQ %d" % i) == b"re:REQ %d" % i
+            await asyncio.sleep(2 * RESPONSE_S)  # the agent's own silence, not a wait
+            assert await ask(reader, writer, b"again") == b"re:again"
+            writer.write_eof()
+            writer.close()
+            await until(lambda: up.stats.active == 0, what="connection accounted")
+            assert up.stats.failures == {}
+            assert up.stats.outcomes[Outcome.OK.value] == 1
+        finally:
+            sc.close()
+
+    run(main())
+
+
+def test_server_first_protocol_is_not_a_failure():
+    """The upstream speaks first (SMTP, MySQL, a ZMTP greeting) and the agent answers
+    late: the upstream owes nothing until the agent has spoken after its last bytes."""
+    async def main():
+        sc = Sidecar()
+        try:
+            up = Upstream(policy(
+                await sc.upstream(lambda: Replier(delay_s=RESPONSE_S / 2, greeting=b"220 ready\n")),
+                response_timeout_s=RESPONSE_S))
+            reader, writer = await connect(await sc.listen(up))
+            assert await asyncio.wait_for(reader.readexactly(10), 5) == b"220 ready\n"
+            await asyncio.sleep(2 * RESPONSE_S)  # the agent thinks; nothing is owed
+            assert await ask(reader, writer, b"HELO") == b"re:HELO"
+            writer.close()
+            await until(lambda: up.stats.active == 0, what="connection accounted")
+            assert up.stats.failures == {}
+        finally:
+            sc.close()
+
+    run(main())
+
+
+def test_a_server_that_hangs_mid_connection_is_reset():
+    """A long-lived REQ/REP connection: the first request is answered, the second is
+    not; the timer runs from the second request, not from the connect."""
+    async def main():
+        sc = Sidecar()
+        try:
+            up = Upstream(policy(await sc.upstream(lambda: Replier(answers=1)),
+                                 response_timeout_s=RESPONSE_S))
+            reader, writer = await connect(await sc.listen(up))
+            assert await ask(reader, writer, b"first") == b"re:first"
+            await asyncio.sleep(2 * RESPONSE_S)  # longer than the timeout, nothing owed
+            await reset_after(reader, writer, b"second")
+            assert failures(up, FailureKind.TIMEOUT) == 1
+        finally:
+            sc.close()
+
+    run(main())
+
+
+def test_an_agent_that_keeps_sending_is_still_cut_off():
+    """The timer runs from the oldest unanswered bytes: more bytes from the agent do
+    not push the deadline of a server that answers none of them."""
+    async def main():
+        sc = Sidecar()
+        try:
+            up = Upstream(policy(await sc.upstream(lambda: Replier(answers=0)),
+                                 response_timeout_s=RESPONSE_S))
+            reader, writer = await connect(await sc.listen(up))
+            started = time.monotonic()
+            writer.write(b"REQ")
+            reading = asyncio.ensure_future(ended(reader, RESPONSE_S + 2.0))
+            while not reading.done():
+                await asyncio.sleep(RESPONSE_S / 5)  # pacing the agent's traffic
+                if not writer.is_closing():
+                    writer.write(b".")
+            assert reading.result() == "reset"
+            assert time.monotonic() - started < RESPONSE_S + PROMPT_S
+            writer.close()
+            assert failures(up, FailureKind.TIMEOUT) == 1
+        finally:
+            sc.close()
+
+    run(main())
+
+
+def test_response_timeout_0_disables_it():
+    """One-way streams (PUSH/PULL, log shipping) never hear back: 0 turns it off."""
+    async def main():
+        sc = Sidecar()
+        try:
+            up = Upstream(policy(await sc.upstream(lambda: Replier(answers=0)),
+                                 response_timeout_s=0))
+            reader, writer = await connect(await sc.listen(up))
+            writer.write(b"fire and forget")
+            try:
+                data = await asyncio.wait_for(reader.read(1), 3 * RESPONSE_S)
+            except asyncio.TimeoutError:
+                pass  # still open: what a one-way stream needs
+            else:
+                raise AssertionError(f"the connection ended ({data!r})")
+            assert up.stats.failures == {}
+            writer.close()
+        finally:
+            sc.close()
+
+    run(main())
+
+
+def test_half_open_probe_counts_as_success_only_once_answered():
+    """A probe that connects to a stuck server is a failure, not a success: connecting
+    proves only that the kernel accepts. Answered probes close the breaker."""
+    servers: list[Replier] = []
+
+    def replier():
+        servers.append(Replier(answers=0 if len(servers) == 0 else -1))
+        return servers[-1]
+
+    async def main():
+        sc = Sidecar()
+        try:
+            settings = BreakerSettings(failures=5, open_s=0.3, successes=3, probes=1)
+            up = Upstream(policy(await sc.upstream(replier), breaker=settings,
+                                 response_timeout_s=RESPONSE_S))
+            breaker = up.endpoints[0].breaker
+            loop = asyncio.get_running_loop()
+            for _ in range(5):
+                breaker.record(False, loop.time() - 100, "test")
+            assert breaker.state_at(loop.time()) is BreakerState.HALF_OPEN
+            listen = await sc.listen(up)
+
+            reader, writer = await connect(listen)  # the first server is stuck
+            await reset_after(reader, writer, b"probe")
+            assert breaker.state_at(loop.time()) is BreakerState.OPEN
+            assert breaker.trips == 2 and "probe failed" in breaker.trip_reason
+
+            await until(lambda: breaker.state_at(loop.time()) is BreakerState.HALF_OPEN,
+                        5, "open_s to pass")
+            for i in range(3):
+                reader, writer = await connect(listen)
+                assert await ask(reader, writer, b"probe %d" % i) == b"re:probe %d" % i
+                writer.close()
+                await until(lambda: up.stats.active == 0, what="probe done")
+            assert breaker.state_at(loop.time()) is BreakerState.CLOSED
+        finally:
+            sc.close()
+
+    run(main())
+
+
+def test_a_silent_probe_gives_its_slot_back():
+    """Half-open admits one probe at a time: a connection on which nobody says anything
+    has no verdict to give, and must not hold the slot until the idle timeout."""
+    async def main():
+        sc = Sidecar()
+        try:
+            settings = BreakerSettings(failures=5, open_s=0.3, successes=1, probes=1)
+            up = Upstream(policy(await sc.upstream(Replier), breaker=settings,
+                                 response_timeout_s=RESPONSE_S))
+            breaker = up.endpoints[0].breaker
+            loop = asyncio.get_running_loop()
+            for _ in range(5):
+                breaker.record(False, loop.time() - 100, "test")
+            listen = await sc.listen(up)
+            idle_reader, idle_writer = await connect(listen)  # takes the probe slot
+            await until(lambda: up.stats.active == 1 and sc.relays[0]._up is not None,
+                        what="the silent probe connected")
+            assert breaker.snapshot(loop.time())["probes_in_flight"] == 1
+            # Within about RESPONSE_S the slot is free again and the next agent let in.
+            await until(lambda: breaker.snapshot(loop.time())["probes_in_flight"] == 0,
+                        RESPONSE_S + PROMPT_S, "the probe slot back")
+            reader, writer = await connect(listen)
+            assert await ask(reader, writer, b"hello") == b"re:hello"
+            await until(lambda: breaker.state_at(loop.time()) is BreakerState.CLOSED,
+                        what="the answered probe to close the breaker")
+            assert up.stats.failures == {}
+            writer.close()
+            idle_writer.close()
+        finally:
+            sc.close()
+
+    run(main())
