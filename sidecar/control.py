@@ -4,6 +4,9 @@ Served on a unix socket (mode 0600 in the supervisor's runtime directory), one J
 request per connection, one JSON reply line; the supervisor's `agentvisor breakers` and
 `agentvisor breaker ...` reach it through there. Read-only views (`/metrics`, `/ready`)
 are on the TCP metrics listener instead, for Prometheus.
+
+What a well-formed control request is (`parse_request`) is defined here once, for this
+socket and the supervisor's: anything else gets an error reply, never silence.
 """
 
 from __future__ import annotations
@@ -13,11 +16,62 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from sidecar.upstream import Upstream
 
 ACTIONS = ("open", "close", "reset")
+# Fields a request may carry; each, when present, is a string.
+REQUEST_FIELDS = ("cmd", "name", "action")
+REQUEST_TIMEOUT_S = 10.0  # a client that connects and says nothing is not kept waiting
+# The supervisor reads a reply as one line with asyncio's default 64 KiB limit; rows are
+# cut to stay under it with room for the envelope. Each row is a few hundred bytes, so
+# this keeps every declared upstream and a couple of hundred undeclared ones.
+MAX_ROWS_BYTES = 56 * 1024
+
+
+class MalformedRequest(ValueError):
+    """A control request that is not a JSON object of string fields; the message says
+    what is wrong, for the reply."""
+
+
+def parse_request(line: bytes) -> dict[str, str]:
+    """One request line -> its fields; MalformedRequest for anything else (not UTF-8,
+    not JSON, nested too deep to parse, not an object, a field that is not a string)."""
+    try:
+        request = json.loads(line)
+    except RecursionError:
+        raise MalformedRequest("malformed request: nested too deep") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise MalformedRequest(f"malformed request: not JSON ({exc})") from None
+    if not isinstance(request, dict):
+        raise MalformedRequest("malformed request: not a JSON object")
+    fields = {}
+    for key in REQUEST_FIELDS:
+        value = request.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise MalformedRequest(f"malformed request: {key!r} must be a string, not "
+                                   f"{type(value).__name__}")
+        fields[key] = value
+    if "cmd" not in fields:
+        raise MalformedRequest("malformed request: no 'cmd'")
+    return fields
+
+
+def bounded(rows: Sequence[dict], max_bytes: int = MAX_ROWS_BYTES) -> tuple[list[dict], int]:
+    """The leading rows whose JSON fits in max_bytes, and how many were left out. Rows
+    come most important first (declared upstreams, then open breakers), so the cut
+    falls on closed breakers of destinations nobody declared."""
+    kept: list[dict] = []
+    size = 0
+    for row in rows:
+        size += len(json.dumps(row)) + 2  # ", " between rows
+        if size > max_bytes:
+            break
+        kept.append(row)
+    return kept, len(rows) - len(kept)
 
 
 def breaker_rows(upstreams: list[Upstream], now: float) -> list[dict]:
@@ -56,19 +110,31 @@ def act(upstreams: list[Upstream], action: str, name: str, now: float) -> list[s
 async def serve(path: Path, upstreams: Callable[[], list[Upstream]]) -> asyncio.AbstractServer:
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = json.loads(await reader.readline())
+            try:
+                line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_S)
+            except ValueError:  # over the reader's limit: no request is that long
+                raise MalformedRequest("malformed request: too long") from None
+            except asyncio.TimeoutError:
+                raise MalformedRequest("malformed request: none within "
+                                       f"{REQUEST_TIMEOUT_S:g} s") from None
+            request = parse_request(line)
             now = time.monotonic()
-            if request.get("cmd") == "breakers":
-                reply = {"ok": True, "breakers": breaker_rows(upstreams(), now)}
-            elif request.get("cmd") == "breaker":
-                touched = act(upstreams(), request.get("action", ""), request.get("name", ""), now)
+            cmd = request["cmd"]
+            if cmd == "breakers":
+                rows, omitted = bounded(breaker_rows(upstreams(), now))
+                reply = {"ok": True, "breakers": rows, "omitted": omitted}
+            elif cmd == "breaker":
+                name = request.get("name", "")
+                touched = act(upstreams(), request.get("action", ""), name, now)
                 reply = ({"ok": True, "breakers": touched} if touched else
-                         {"ok": False, "error": f"no breaker or upstream named "
-                                                f"{request.get('name')!r}"})
+                         {"ok": False, "error": f"no breaker or upstream named {name!r}"})
             else:
-                reply = {"ok": False, "error": f"unknown command {request.get('cmd')!r}"}
-        except (ValueError, AttributeError) as exc:
-            reply = {"ok": False, "error": f"malformed request: {exc}"}
+                reply = {"ok": False, "error": f"unknown command {cmd[:80]!r}"}
+        except ValueError as exc:  # MalformedRequest, or act()'s unknown action
+            reply = {"ok": False, "error": str(exc)}
+        except (ConnectionError, asyncio.IncompleteReadError):
+            writer.close()
+            return  # the client went away; nothing to tell it
         try:
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()

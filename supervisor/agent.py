@@ -34,11 +34,17 @@ Listener = Callable[["Agent"], None]
 # Called with the new pid right after a spawn (placing it in its cgroup).
 SpawnHook = Callable[["Agent", int], None]
 
+# How often the descendants of an agent without a cgroup of its own are looked for, so
+# that one its parent leaves behind (setsid, then the parent exits) is still known at
+# stop. One walk of /proc per agent per period: a few milliseconds.
+LINEAGE_SAMPLE_S = 5.0
+
 
 @dataclass
 class _Run:
     proc: asyncio.subprocess.Process
     started: float  # monotonic
+    lineage: process.Lineage  # what a stop must end: group, cgroup, descendants seen
     kill_reason: str | None = None
     terminated_at: float | None = None  # monotonic, when SIGTERM was sent
 
@@ -125,7 +131,7 @@ class Agent:
             self._wake.set()  # cut a backoff or FATAL wait short
 
     async def stop(self, *, by_operator: bool = False) -> None:
-        """Stop the agent and its whole process group; returns once it is gone."""
+        """Stop the agent and everything it started; returns once the agent is gone."""
         self.stopped_by_operator = by_operator
         self._want_running = False
         self._wake.set()
@@ -207,9 +213,10 @@ class Agent:
         started = time.monotonic()
         try:
             env = self._build_env(self.spec)
+            cgroup = process.agent_cgroup(self.name)
             proc = await process.spawn(
                 self.spec.argv, cwd=self.spec.cwd, env=env, log_path=self.spec.log_path,
-                pass_fds=self.spec.pass_fds, user=self.spec.user,
+                pass_fds=self.spec.pass_fds, user=self.spec.user, cgroup=cgroup,
             )
         except process.SpawnError as exc:
             log.error("%s: %s", self.name, exc)
@@ -218,7 +225,7 @@ class Agent:
                 self._transition(Event.EXIT_FATAL, str(exc))
                 return Event.EXIT_FATAL, 0.0
             return self._decide(started, failed=True, description=str(exc))
-        self._run = _Run(proc, started)
+        self._run = _Run(proc, started, process.Lineage(proc.pid, cgroup))
         self.reason = ""
         if self._on_spawn is not None:
             self._on_spawn(self, proc.pid)
@@ -226,13 +233,18 @@ class Agent:
             self._terminate(None)
         self._notify()
         log.info("%s: started, pid %d", self.name, proc.pid)
-        probes = asyncio.create_task(self._probe_loop(self._run), name=f"probe:{self.name}")
+        watchers = [asyncio.create_task(self._probe_loop(self._run), name=f"probe:{self.name}")]
+        if cgroup is None:  # with one, the kernel keeps the lineage
+            watchers.append(asyncio.create_task(self._watch_lineage(self._run.lineage),
+                                                name=f"lineage:{self.name}"))
         try:
             rc = await proc.wait()
         finally:
-            probes.cancel()
-        # Forked children of a dead leader would hold its ports and files: end them too.
-        process.signal_group(proc.pid, signal.SIGKILL)
+            for task in watchers:
+                task.cancel()
+        # Forked children of a dead leader would hold its ports and files: end them too,
+        # in its group or out of it.
+        self._run.lineage.signal(signal.SIGKILL)
         self.healthy = None
         self.ready.clear()
         self.last_exit = process.describe_exit(rc)
@@ -310,6 +322,11 @@ class Agent:
                 self.kill(f"health probe failed {misses} times: {result.detail}")
                 return
 
+    async def _watch_lineage(self, lineage: process.Lineage) -> None:
+        while True:
+            lineage.observe()
+            await asyncio.sleep(LINEAGE_SAMPLE_S)
+
     def _became_ready(self) -> None:
         self.healthy = True
         if self.state is State.STARTING:  # not if a stop or kill got here first
@@ -325,7 +342,8 @@ class Agent:
             self._transition(Event.KILL, kill_reason)
         elif self.state in (State.STARTING, State.RUNNING):
             self._transition(Event.STOP, "stopping")
-        process.signal_group(run.proc.pid, signal.SIGTERM)
+        run.lineage.observe()  # a setsid() child is only found through its parent
+        run.lineage.signal(signal.SIGTERM)
         run.terminated_at = time.monotonic()
         asyncio.get_running_loop().call_later(
             self.spec.restart.stop_grace_s, self._force_kill, run
@@ -335,7 +353,7 @@ class Agent:
         if run.proc.returncode is None:
             log.warning("%s: still alive %g s after SIGTERM; SIGKILL", self.name,
                         self.spec.restart.stop_grace_s)
-            process.signal_group(run.proc.pid, signal.SIGKILL)
+            run.lineage.signal(signal.SIGKILL)
 
     def _transition(self, event: Event, reason: str) -> None:
         new = next_state(self.state, event)

@@ -101,10 +101,12 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-async def dispatch(sup: "Supervisor", request: dict) -> dict:
-    command = COMMANDS.get(request.get("cmd", ""))
+async def dispatch(sup: "Supervisor", request: dict[str, str]) -> dict:
+    """`request` as `sidecar.control.parse_request` returns it: every field a string."""
+    cmd = request.get("cmd", "")
+    command = COMMANDS.get(cmd)
     if command is None:
-        return {"ok": False, "error": f"unknown command {request.get('cmd')!r}"}
+        return {"ok": False, "error": f"unknown command {cmd[:80]!r}"}
     try:
         return {"ok": True, **await command(sup, request)}
     except ConfigError as exc:

@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sidecar.control import MalformedRequest, parse_request
 from supervisor.control import commands
 
 if TYPE_CHECKING:
@@ -85,14 +86,19 @@ class ControlServer:
         try:
             # Read the request before answering even a refusal: a reply sent before the
             # client has written would meet its write with a reset instead of the reason.
+            unreadable = None
             try:
                 line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT_S)
-            except (ValueError, asyncio.LimitOverrunError, asyncio.TimeoutError):
-                line = b""
+            except (ValueError, asyncio.LimitOverrunError):
+                line, unreadable = b"", "malformed request: too long"
+            except asyncio.TimeoutError:
+                line, unreadable = b"", f"no request within {REQUEST_TIMEOUT_S:g} s"
             pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
             if not self._allowed(pid, uid, gid):
                 log.warning("refused control connection from uid %d pid %d", uid, pid)
                 reply = {"ok": False, "error": "permission denied"}
+            elif unreadable is not None:
+                reply = {"ok": False, "error": unreadable}
             else:
                 reply = await self._answer(line)
             writer.write(json.dumps(reply).encode() + b"\n")
@@ -104,11 +110,9 @@ class ControlServer:
 
     async def _answer(self, line: bytes) -> dict:
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            return {"ok": False, "error": "malformed request"}
+            request = parse_request(line)
+        except MalformedRequest as exc:
+            return {"ok": False, "error": str(exc)}
         return await commands.dispatch(self._supervisor, request)
 
 

@@ -1,6 +1,7 @@
 """The control socket and what operators do through it: reload, rollback, permissions,
 systemd notifications."""
 
+import json
 import os
 import shutil
 import socket
@@ -165,3 +166,69 @@ def test_systemd_notify_ready_status_watchdog_and_agents_cannot_notify(fleet, tm
     notify.settimeout(5)
     while not any("STOPPING=1" in m for m in seen):
         seen.append(notify.recv(4096).decode())
+
+
+# Requests a careless or hostile client may send: each must get an error answer.
+MALFORMED = {
+    "list cmd": b'{"cmd": ["status"]}\n',
+    "object cmd": b'{"cmd": {"status": 1}}\n',
+    "number": b"42\n",
+    "null": b"null\n",
+    "list": b'["status"]\n',
+    "list name": b'{"cmd": "stop", "name": ["Svc"]}\n',
+    "object action": b'{"cmd": "breaker", "action": {"a": 1}, "name": "Hub"}\n',
+    "deep nesting": b'{"cmd": ' + b"[" * 20000 + b"]" * 20000 + b"}\n",
+    "huge": b'{"cmd": "status", "pad": "' + b"x" * 300_000 + b'"}\n',
+    "not UTF-8": b'{"cmd": "\xff\xfe"}\n',
+    "not JSON": b"status please\n",
+    "empty line": b"\n",
+}
+
+
+def raw_request(path, data: bytes, timeout_s: float = 10) -> dict:
+    """Send bytes as they are and read one reply line, whatever else the server does: a
+    server that answers a huge request early and closes makes our send fail, and the
+    reply is still there to read."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout_s)
+    try:
+        s.connect(str(path))
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = b""
+        while not reply.endswith(b"\n"):
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+    finally:
+        s.close()
+    assert reply, f"no answer to {data[:60]!r}"
+    return json.loads(reply)
+
+
+def test_malformed_control_requests_get_an_error_and_the_servers_keep_answering(fleet):
+    fleet.write_config({
+        "upstreams": {"Hub": {"address": f"127.0.0.1:{free_port()}", "protocol": "http"}},
+        "sidecar": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "pc2_services": [{"name": "Svc", **sleeper(fleet)}]})
+    fleet.start()
+    fleet.wait_state("Svc", "RUNNING")
+    fleet.wait_state("sidecar", "RUNNING")
+    sockets = {"supervisor": fleet.runtime_dir / "control.sock",
+               "sidecar": fleet.runtime_dir / "sidecar.sock"}
+    good = {"supervisor": b'{"cmd": "status"}\n', "sidecar": b'{"cmd": "breakers"}\n'}
+    for who, path in sockets.items():
+        for what, data in MALFORMED.items():
+            reply = raw_request(path, data)
+            assert reply["ok"] is False and reply["error"], (who, what, reply)
+        assert raw_request(path, good[who])["ok"] is True, who
+    assert fleet.agent("Svc")["state"] == "RUNNING"  # a list as a name stopped nothing
+    assert "Traceback" not in fleet.supervisor_log()
+    sidecar_log = fleet.logs_dir / "sidecar.log"
+    assert "Traceback" not in (sidecar_log.read_text() if sidecar_log.exists() else "")
