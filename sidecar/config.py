@@ -12,8 +12,12 @@ fleet's own seed values.
 from __future__ import annotations
 
 import enum
+import ipaddress
+import math
+import re
+import socket
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import AbstractSet, Any, Mapping
 
 # --- defaults, each with why -------------------------------------------------------
 
@@ -35,6 +39,14 @@ DEFAULT_CONNECT_TIMEOUT_S = 2.0
 # never sent FIN/RST would otherwise hold the agent for ever). ZeroMQ-style long-lived
 # connections with heartbeats stay well inside it.
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+# L4: bytes from the agent and not a byte back for this long is a failure, and the agent
+# gets a reset: a hung server still accepts connections (its kernel does) and reads, so
+# without this a ZeroMQ REQ/REP call to it waits idle_timeout_s and never trips the
+# breaker. 10 s is the users' "10 s timeout on critical calls", as request_timeout_s is
+# for L7, but it bounds only the first byte of an answer: slow, long answers are fine.
+# A server that speaks first owes nothing until the agent answers it. One-way streams
+# (PUSH/PULL, log shipping) and quiet subscriptions never answer: 0 or null turns it off.
+DEFAULT_RESPONSE_TIMEOUT_S = 10.0
 # Retries: one retry at most, and retries no more than 20 % of requests plus 10 per
 # second (Linkerd's budget), so a failing upstream never sees a retry storm.
 DEFAULT_RETRY_ATTEMPTS = 1
@@ -51,6 +63,14 @@ DEFAULT_MAX_PENDING_BYTES = 1024 * 1024
 DEFAULT_MAX_PENDING_REQUESTS = 64
 # Idle keep-alive connections kept per upstream endpoint.
 DEFAULT_POOL_SIZE = 32
+# An agent connection must send a whole request head within this long of its first
+# byte: a legacy agent writes its head in one go, so only a slowloris client ever
+# needs more. The users' own call timeout.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+# An agent connection with no request begun for this long is closed: long enough that
+# agents pushing every few seconds keep theirs, short enough that a thousand idle
+# clients cannot hold a thousand descriptors (and upstream connections) for ever.
+DEFAULT_AGENT_IDLE_TIMEOUT_S = 60.0
 
 
 class Protocol(enum.Enum):
@@ -98,6 +118,10 @@ class UpstreamPolicy:
     listen: tuple[str, int] = ("127.0.0.1", 0)
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    # 0: off. A declared upstream gets DEFAULT_RESPONSE_TIMEOUT_S from parse_upstreams;
+    # a policy built in code (a destination nobody declared, reached through the
+    # forward or transparent proxy) has none: nobody said its protocol ever answers.
+    response_timeout_s: float = 0.0
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     failure_statuses: frozenset[int] = DEFAULT_FAILURE_STATUSES
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
@@ -107,6 +131,8 @@ class UpstreamPolicy:
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
     max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS
     pool_size: int = DEFAULT_POOL_SIZE
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    agent_idle_timeout_s: float = DEFAULT_AGENT_IDLE_TIMEOUT_S
 
 
 Path = tuple  # ("upstreams", "ObservabilityHub", "addresses", 0): a place in the file
@@ -126,15 +152,67 @@ class UpstreamProblem:
         return out
 
 
-def parse_address(text: Any) -> tuple[str, int] | None:
-    """'host:port' or '[v6]:port' -> (host, port); None if it is not one."""
+def parse_address(text: Any, *, any_port: bool = False, bind: bool = False
+                  ) -> tuple[str, int] | None:
+    """'host:port' or '[v6]:port' -> (host, port); None if it is not one (see
+    `address_problem` for why)."""
+    parsed = _address(text, any_port, bind)
+    return parsed if isinstance(parsed, tuple) else None
+
+
+def address_problem(text: Any, *, any_port: bool = False, bind: bool = False) -> str | None:
+    """Why `text` is not an address: None if it is one. `any_port`: port 0 (a free
+    port) is allowed; `bind`: it is to be listened on, so a name must resolve here."""
+    parsed = _address(text, any_port, bind)
+    return parsed if isinstance(parsed, str) else None
+
+
+# A host name as resolvers take it: dot-separated labels of letters, digits, - and _
+# (some internal names have _), none longer than 63, the whole at most 253.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _address(text: Any, any_port: bool, bind: bool) -> tuple[str, int] | str:
     if not isinstance(text, str) or ":" not in text:
-        return None
+        return f"{text!r} is not host:port"
+    if "\0" in text:
+        return f"{text!r} is not host:port: it contains a NUL byte"
+    if any(c.isspace() or not c.isprintable() for c in text):
+        return f"{text!r} is not host:port: it contains a space or control character"
     host, _, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
+    if not port.isascii() or not port.isdigit() or len(port) > 5:
+        return f"{text!r}: the port {port!r} is not a number"
+    number = int(port)
+    if number > 65535:
+        return f"{text!r}: port {number} is out of range (at most 65535)"
+    if number == 0 and not any_port:
+        return f"{text!r}: port 0 means any free port; this address needs a fixed one"
+    literal = True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{text!r}: {host!r} in brackets is not an IPv6 address"
+    elif ":" in host:
+        return f"{text!r}: an IPv6 address needs brackets, e.g. [::1]:{port}"
+    elif not host:
+        return f"{text!r} is not host:port: the host is missing"
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            literal = False
+            if len(host) > 253 or not _HOST_NAME.fullmatch(host):
+                return f"{text!r}: {host!r} is not an IP address or a host name"
+    if bind and not literal:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            return (f"{text!r}: cannot listen on {host!r}: not an IP address, and it does "
+                    f"not resolve ({reason})")
+    return host, number
 
 
 def parse_upstreams(data: Any, where: Path = ("upstreams",)) -> tuple[
@@ -151,7 +229,7 @@ def parse_upstreams(data: Any, where: Path = ("upstreams",)) -> tuple[
         if not isinstance(raw, Mapping):
             p.bad((), "must be a mapping with address or addresses")
             continue
-        p.check_keys(raw, _UPSTREAM_KEYS)
+        p.check_keys(raw, UPSTREAM_KEYS)
         endpoints = p.endpoints(raw)
         protocol = p.choice(raw, "protocol", Protocol, Protocol.TCP)
         breaker = raw.get("breaker") or {}
@@ -164,10 +242,7 @@ def parse_upstreams(data: Any, where: Path = ("upstreams",)) -> tuple[
             retry = {}
         p.check_keys(breaker, set(BreakerSettings.__dataclass_fields__), ("breaker",))
         p.check_keys(retry, set(RetrySettings.__dataclass_fields__), ("retry",))
-        listen = ("127.0.0.1", 0)
-        if "listen" in raw:
-            listen = parse_address(raw["listen"]) or p.bad(
-                ("listen",), f"{raw['listen']!r} is not host:port") or listen
+        listen = p.address(raw, "listen", ("127.0.0.1", 0), any_port=True)
         policy = UpstreamPolicy(
             name=str(name),
             endpoints=endpoints,
@@ -175,6 +250,8 @@ def parse_upstreams(data: Any, where: Path = ("upstreams",)) -> tuple[
             listen=listen,
             connect_timeout_s=p.seconds(raw, "connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S),
             idle_timeout_s=p.seconds(raw, "idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S),
+            response_timeout_s=p.seconds_or_off(raw, "response_timeout_s",
+                                                DEFAULT_RESPONSE_TIMEOUT_S),
             request_timeout_s=p.seconds(raw, "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S),
             failure_statuses=p.statuses(raw),
             breaker=BreakerSettings(
@@ -202,11 +279,37 @@ def parse_upstreams(data: Any, where: Path = ("upstreams",)) -> tuple[
     return policies, problems
 
 
-_UPSTREAM_KEYS = {
+# Every key of an upstream, by the proxy that reads it: the one list of them (the
+# schema's must agree; a test checks). The L4 relay serves `tcp` upstreams, and for any
+# upstream its CONNECT tunnels and transparently redirected connections.
+L4_UPSTREAM_KEYS = frozenset({
     "address", "addresses", "protocol", "listen", "connect_timeout_s", "idle_timeout_s",
-    "request_timeout_s", "failure_statuses", "breaker", "retry", "fallback",
-    "max_header_bytes", "max_pending_bytes", "max_pending_requests", "pool_size",
-}
+    "response_timeout_s", "breaker", "max_pending_bytes",
+})
+# Read only by the L7 proxy: on a `tcp` upstream they do nothing, which `validate` says.
+L7_ONLY_UPSTREAM_KEYS = frozenset({
+    "request_timeout_s", "failure_statuses", "retry", "fallback", "max_header_bytes",
+    "max_pending_requests", "pool_size",
+})
+UPSTREAM_KEYS = L4_UPSTREAM_KEYS | L7_ONLY_UPSTREAM_KEYS
+
+
+def upstream_warnings(data: Any, where: Path = ("upstreams",)) -> list[UpstreamProblem]:
+    """What is valid but surely not meant: keys only the L7 proxy reads, on a `tcp`
+    upstream (a request_timeout_s there bounds nothing). Not problems: the config
+    works, only not as written."""
+    warnings: list[UpstreamProblem] = []
+    if not isinstance(data, Mapping):
+        return warnings
+    for name, raw in data.items():
+        if not isinstance(raw, Mapping) or raw.get("protocol", "tcp") != Protocol.TCP.value:
+            continue
+        for key in raw:
+            if key in L7_ONLY_UPSTREAM_KEYS:
+                warnings.append(UpstreamProblem(
+                    (*where, name, key),
+                    f"ignored: only protocol: http upstreams use {key} (this one is tcp)"))
+    return warnings
 
 
 class _Parser:
@@ -220,7 +323,7 @@ class _Parser:
     def bad(self, sub: Path, message: str) -> None:
         self.problems.append(UpstreamProblem((*self.base, *sub), message))
 
-    def check_keys(self, raw: Mapping, allowed: set[str], sub: Path = ()) -> None:
+    def check_keys(self, raw: Mapping, allowed: AbstractSet[str], sub: Path = ()) -> None:
         for key in raw:
             if key not in allowed:
                 self.bad((*sub, key), "unknown key; known: " + ", ".join(sorted(allowed)))
@@ -232,10 +335,11 @@ class _Parser:
             return ()
         out = []
         for i, text in enumerate(items):
-            addr = parse_address(text)
-            if addr is None:
-                self.bad(("address",) if "address" in raw else ("addresses", i),
-                         f"{text!r} is not host:port")
+            # Not resolved here: the name may be another host's view (validate --offline),
+            # and the L4 relay resolves at each connect anyway.
+            addr = _address(text, False, False)
+            if isinstance(addr, str):
+                self.bad(("address",) if "address" in raw else ("addresses", i), addr)
             else:
                 out.append(addr)
         return tuple(out)
@@ -255,6 +359,9 @@ class _Parser:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             self.bad((*sub, key), f"{value!r} is not a non-negative number")
             return default
+        if not math.isfinite(value):  # YAML's .nan and .inf: no deadline, or never met
+            self.bad((*sub, key), f"{value!r} is not a finite number")
+            return default
         return float(value)
 
     def seconds(self, raw: Mapping, key: str, default: float, sub: Path = ()) -> float:
@@ -263,6 +370,23 @@ class _Parser:
             self.bad((*sub, key), "must be more than 0 seconds")
             return default
         return value
+
+    def seconds_or_off(self, raw: Mapping, key: str, default: float, sub: Path = ()) -> float:
+        """Seconds, or 0 / null for off (returned as 0.0)."""
+        if key in raw and raw[key] is None:
+            return 0.0
+        return self.number(raw, key, default, sub)
+
+    def address(self, raw: Mapping, key: str, default: tuple[str, int], *,
+                any_port: bool, sub: Path = ()) -> tuple[str, int]:
+        """An address to listen on: a name must resolve here, where it is bound."""
+        if key not in raw:
+            return default
+        parsed = _address(raw[key], any_port, True)
+        if isinstance(parsed, str):
+            self.bad((*sub, key), parsed)
+            return default
+        return parsed
 
     def count(self, raw: Mapping, key: str, default: int, sub: Path = (), minimum: int = 0) -> int:
         value = raw.get(key, default)
@@ -333,11 +457,44 @@ def parse_sidecar(data: Any, where: Path = ("sidecar",)) -> tuple[SidecarSetting
     if enabled is not None and not isinstance(enabled, bool):
         p.bad(("enabled",), "must be true or false")
         enabled = None
-    listens = {}
-    for key in ("metrics_listen", "proxy_listen", "transparent_listen"):
-        default = SidecarSettings.__dataclass_fields__[key].default
-        if key in data:
-            listens[key] = parse_address(data[key]) or p.bad(
-                (key,), f"{data[key]!r} is not host:port") or default
-    return SidecarSettings(enabled=enabled, drain_s=p.seconds(data, "drain_s", DEFAULT_DRAIN_S),
-                           **listens), problems
+    # Prometheus must find /metrics where it was told: a fixed port. The proxy and
+    # transparent listeners are handed to agents and nftables as bound: any port will do.
+    return SidecarSettings(
+        enabled=enabled,
+        metrics_listen=p.address(data, "metrics_listen", DEFAULT_METRICS_LISTEN, any_port=False),
+        proxy_listen=p.address(data, "proxy_listen", ("127.0.0.1", 0), any_port=True),
+        transparent_listen=p.address(data, "transparent_listen", ("127.0.0.1", 0),
+                                     any_port=True),
+        drain_s=p.seconds(data, "drain_s", DEFAULT_DRAIN_S),
+    ), problems
+
+
+def _is_loopback_host(host: str) -> bool:
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
+def self_loops(policies: Mapping[str, UpstreamPolicy], settings: SidecarSettings,
+               where: Path = ("upstreams",)) -> list[UpstreamProblem]:
+    """Endpoints that are the sidecar's own listeners: a call to one would come back to
+    the sidecar, which would call it again, until every descriptor is taken. Only fixed
+    listen ports can be told here; the router refuses the rest at run time."""
+    own = {port for _, port in (settings.proxy_listen, settings.transparent_listen,
+                                settings.metrics_listen) if port}
+    own |= {p.listen[1] for p in policies.values() if p.listen[1]}
+    problems = []
+    for name, policy in policies.items():
+        for i, (host, port) in enumerate(policy.endpoints):
+            if port in own and _is_loopback_host(host):
+                problems.append(UpstreamProblem(
+                    (*where, name, "addresses" if len(policy.endpoints) > 1 else "address",
+                     *((i,) if len(policy.endpoints) > 1 else ())),
+                    f"{host}:{port} is one of the sidecar's own listeners: calls would loop "
+                    f"back into the sidecar"))
+    return problems

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import resource
 import signal
 import socket
 import sys
@@ -26,8 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from sidecar import compiled, control
-from sidecar.config import Protocol, SidecarSettings, parse_sidecar, parse_upstreams
+from sidecar import compiled, control, yamlbounds
+from sidecar.config import (Protocol, SidecarSettings, parse_sidecar, parse_upstreams,
+                            self_loops)
 from sidecar.routing import Router
 from sidecar.upstream import Upstream
 
@@ -40,14 +43,17 @@ DRAIN_POLL_S = 0.05
 def load(path: Path) -> tuple[SidecarSettings, dict[str, Upstream]]:
     """The sidecar's part of a host config; SystemExit with every problem if invalid."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        data = yamlbounds.load(yamlbounds.read(path), str(path)) or {}
+    except yamlbounds.Refused as exc:
+        line = f":{exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise SystemExit(f"{path}{line}: {exc.problem}")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise SystemExit(f"{path}: {exc}")
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: not a mapping")
     policies, problems = parse_upstreams(data.get("upstreams"))
     settings, more = parse_sidecar(data.get("sidecar"))
-    problems += more
+    problems += more + self_loops(policies, settings)
     if problems:
         raise SystemExit("\n".join(f"{path}: {p.location}: {p.message}" for p in problems))
     return settings, {name: Upstream(p) for name, p in policies.items()}
@@ -60,6 +66,24 @@ def listen(address: tuple[str, int]) -> socket.socket:
     sock.bind(address)
     sock.listen(1024)
     return sock
+
+
+# Above this share of its descriptor limit the sidecar cannot be trusted to accept and
+# connect: /ready says so, and the supervisor's probe restarts it (a connection storm,
+# a loop through a name only DNS knows) instead of leaving it RUNNING and useless.
+FD_CEILING = 0.9
+
+
+def descriptors_full() -> str:
+    """Why this process cannot serve for lack of descriptors; "" when it can."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return ""
+    if soft != resource.RLIM_INFINITY and used >= soft * FD_CEILING:
+        return f"descriptors: {used} of {soft} open"
+    return ""
 
 
 def parse_fds(text: str | None) -> dict[str, socket.socket]:
@@ -88,6 +112,7 @@ class Sidecar:
             sock = listen(address)
         if sock is not None:
             sock.setblocking(False)
+            self.router.serving(sock.getsockname()[1])
         return sock
 
     async def start(self) -> None:
@@ -130,8 +155,12 @@ class Sidecar:
             return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE})
 
         async def ready(_request):
-            return web.Response(status=200 if self.ready else 503,
-                                text="ready\n" if self.ready else "starting\n")
+            if not self.ready:
+                return web.Response(status=503, text="starting\n")
+            full = descriptors_full()
+            if full:  # the supervisor's probe fails, and it restarts us
+                return web.Response(status=503, text=full + "\n")
+            return web.Response(status=200, text="ready\n")
 
         async def breakers(_request):
             return web.json_response(control.breaker_rows(self.router.all(), time.monotonic()))

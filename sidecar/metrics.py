@@ -15,6 +15,11 @@ breaker_state{breaker,upstream} (0 closed, 1 half-open, 2 open),
 breaker_trips_total{breaker,upstream}, breaker_rejections_total{breaker,upstream}.
 Label names are declared in sorted order: the exposition reads the same whichever way
 the client library orders them.
+
+Series stay bounded however many destinations agents reach: declared upstreams always
+have their own; of the undeclared (pass-through) ones, the `MAX_PASS_THROUGH_SERIES`
+most telling (an open breaker, then the most recently used) have theirs, and the rest
+are summed under `upstream="(other)"` (endpoint and breaker too), so totals stay exact.
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ _BUCKET_LABELS = tuple(floatToGoString(b) for b in LATENCY_BUCKETS_S) + ("+Inf",
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "agentvisor_sidecar_"
+
+# Undeclared destinations with series of their own: enough to see the few an agent
+# really uses; the rest of a port scan folds into OTHER instead of thousands of series.
+MAX_PASS_THROUGH_SERIES = 20
+OTHER = "(other)"
 
 BREAKER_STATE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1,
                         BreakerState.OPEN: 2}
@@ -152,18 +162,19 @@ class SidecarCollector:
         now = self._clock()
         (requests, duration, failures, retries, denied, active, state, trips,
          rejections) = fams = _families()
-        for up in self._upstreams():
+        listed = self._upstreams()
+        ups = list(listed)
+        # The router's `Destinations` says how many lead the list as declared; any other
+        # iterable is taken as all declared (every upstream its own series).
+        declared: int = getattr(listed, "declared", len(ups))
+        own = declared + MAX_PASS_THROUGH_SERIES
+        for up in ups[:own]:
             stats = up.stats
             name = up.name
             outcomes = dict(stats.outcomes)
             for o in Outcome:
                 requests.add_metric([o.value, name], outcomes.get(o.value, 0))
-            counts = list(stats.buckets)
-            cumulative, buckets = 0, []
-            for label, n in zip(_BUCKET_LABELS, counts):
-                cumulative += n
-                buckets.append((label, cumulative))
-            duration.add_metric([name], buckets, stats.duration_sum)
+            duration.add_metric([name], _cumulative(list(stats.buckets)), stats.duration_sum)
             for (endpoint, kind), n in sorted(list(stats.failures.items())):
                 failures.add_metric([endpoint, kind, name], n)
             retries.add_metric([name], stats.retries)
@@ -174,7 +185,53 @@ class SidecarCollector:
                 state.add_metric(labels, BREAKER_STATE_VALUES[b.state_at(now)])
                 trips.add_metric(labels, b.trips)
                 rejections.add_metric(labels, b.rejections)
+        if len(ups) > own:
+            self._collect_other(ups[own:], fams)
         return iter(fams)
+
+    def _collect_other(self, ups: list["Upstream"], fams: tuple[Any, ...]) -> None:
+        """The sum of `ups` under OTHER. No breaker_state: a state does not add up."""
+        (requests, duration, failures, retries, denied, active, _state, trips,
+         rejections) = fams
+        outcomes = {o.value: 0 for o in Outcome}
+        counts = [0] * len(_BUCKET_LABELS)
+        by_kind: dict[str, int] = {}
+        duration_sum = 0.0
+        n_retries = n_denied = n_active = n_trips = n_rejections = 0
+        for up in ups:
+            stats = up.stats
+            for outcome, n in stats.outcomes.items():
+                outcomes[outcome] += n
+            for i, n in enumerate(list(stats.buckets)):
+                counts[i] += n
+            duration_sum += stats.duration_sum
+            for (_endpoint, kind), n in list(stats.failures.items()):
+                by_kind[kind] = by_kind.get(kind, 0) + n
+            n_retries += stats.retries
+            n_denied += stats.retries_denied
+            n_active += stats.active
+            for b in up.breakers():
+                n_trips += b.trips
+                n_rejections += b.rejections
+        for o in Outcome:
+            requests.add_metric([o.value, OTHER], outcomes[o.value])
+        duration.add_metric([OTHER], _cumulative(counts), duration_sum)
+        for kind, n in sorted(by_kind.items()):
+            failures.add_metric([OTHER, kind, OTHER], n)
+        retries.add_metric([OTHER], n_retries)
+        denied.add_metric([OTHER], n_denied)
+        active.add_metric([OTHER], n_active)
+        trips.add_metric([OTHER, OTHER], n_trips)
+        rejections.add_metric([OTHER, OTHER], n_rejections)
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts -> Prometheus's cumulative (le, count) pairs."""
+    total, buckets = 0, []
+    for label, n in zip(_BUCKET_LABELS, counts):
+        total += n
+        buckets.append((label, total))
+    return buckets
 
 
 def _families() -> tuple[Any, ...]:  # the families' own types, by position

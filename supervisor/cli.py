@@ -191,10 +191,14 @@ def cmd_validate(args) -> int:
             print(exc, file=sys.stderr)
             worst = max(worst, EXIT_USAGE)
             continue
-        report.append({"file": str(path), "problems": [p.__dict__ for p in problems]})
+        warnings = _warnings(path)
+        report.append({"file": str(path), "problems": [p.__dict__ for p in problems],
+                       "warnings": [w.__dict__ for w in warnings]})
         if not args.json:
             for p in problems:
                 print(p)
+            for w in warnings:  # the file works as it is: said, never failed
+                print(f"warning: {w}")
             n = len(problems)
             print(f"{path}: {'valid' if not n else f'{n} problem' + ('s' if n > 1 else '')}",
                   file=sys.stderr)
@@ -203,6 +207,17 @@ def cmd_validate(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     return worst
+
+
+def _warnings(path: Path) -> list:
+    """What `validate` says about a file without failing it (keys that do nothing
+    where they are); [] when the file cannot be read, which is reported as a problem."""
+    from supervisor.config import validate, yamlsrc
+
+    try:
+        return validate.upstream_warnings(yamlsrc.parse(yamlsrc.read(path), str(path)))
+    except Exception:  # unreadable or not YAML: validate_file has said so already
+        return []
 
 
 def _pids_of_running_supervisor() -> frozenset[int]:
@@ -465,10 +480,20 @@ def cmd_breakers(args) -> int:
     if isinstance(reply, int):
         return reply
     rows = reply["breakers"]
+    # The sidecar cuts a long list (thousands of undeclared destinations) to what one
+    # reply holds; declared upstreams and open breakers come first, so what is left out
+    # is closed breakers of destinations nobody declared.
+    omitted = reply.get("omitted", 0)
+    note = (f"{omitted} more breaker{'s' if omitted != 1 else ''} not shown: closed, "
+            "of undeclared destinations (all of them: the sidecar's /breakers)")
     if args.json:
         print(json.dumps(rows, indent=2))
+        if omitted:
+            print(f"agentvisor: {note}", file=sys.stderr)
         return EXIT_OK
     print(render_breakers(rows))
+    if omitted:
+        print(f"\n{note}")
     return EXIT_OK
 
 

@@ -286,14 +286,17 @@ class Supervisor:
 
     # --- reload and rollback ----------------------------------------------------------
 
-    def load_current_file(self) -> HostConfig:
-        """Re-read the config file; the agents' own listening ports are not conflicts."""
+    async def load_current_file(self) -> HostConfig:
+        """Re-read the config file; the agents' own listening ports are not conflicts.
+        Read and checked in a thread: a file slow to read or to parse must not stall the
+        loop that feeds systemd's watchdog and answers `status`."""
         pids = set()
         for a in self.agents.values():
             if a.pid:
                 pids.add(a.pid)
                 pids.update(process.descendants(a.pid))
-        return cfgmod.load(self.config.source, exclude_pids=frozenset(pids), **self._overrides)
+        return await asyncio.to_thread(cfgmod.load, self.config.source,
+                                       exclude_pids=frozenset(pids), **self._overrides)
 
     async def reload(self) -> dict:
         """Re-read the config and apply only the difference; an invalid file changes
@@ -301,7 +304,7 @@ class Supervisor:
         self.notifier.reloading()
         try:
             try:
-                new = self.load_current_file()
+                new = await self.load_current_file()
             except (cfgmod.ConfigError, cfgmod.ConfigUnreadable) as exc:
                 log.error("reload refused, nothing changed:\n%s", exc)
                 raise

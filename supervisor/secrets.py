@@ -118,9 +118,9 @@ def read_secret(cfg: SecretsConfig, name: str, env: Mapping[str, str] = os.envir
 
 
 def fingerprint(cfg: SecretsConfig, name: str,
-                env: Mapping[str, str] = os.environ) -> tuple[int, int, int] | None:
-    """What changes when a secret file is rotated (replaced or rewritten); None if it
-    is missing. Cheap: one stat, no read."""
+                env: Mapping[str, str] = os.environ) -> tuple[int, ...] | None:
+    """What changes when a secret file is rotated (replaced or rewritten) or made safe
+    to use; None if it is missing. Cheap: one stat, no read."""
     folder = secrets_dir(cfg, name, env)
     if folder is None:
         return None
@@ -128,7 +128,9 @@ def fingerprint(cfg: SecretsConfig, name: str,
         st = (folder / name).stat()
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    # Mode and owner: `chmod 0400` (what check_file's refusal advises) or a chown
+    # changes neither content nor mtime, and must still wake the agent it stopped.
+    return st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode, st.st_uid
 
 
 def referenced(spec: AgentSpec) -> frozenset[str]:

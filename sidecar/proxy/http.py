@@ -38,6 +38,8 @@ from typing import Callable, Final
 import httptools
 
 from sidecar.config import (
+    DEFAULT_AGENT_IDLE_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_HEADER_BYTES,
     DEFAULT_MAX_PENDING_BYTES,
     DEFAULT_MAX_PENDING_REQUESTS,
@@ -168,6 +170,10 @@ def _canned(status: int, reason: str, text: str, extra: bytes = b"",
 
 
 _BAD_REQUEST: Final = _canned(400, "Bad Request", "agentvisor: malformed HTTP request", close=True)
+_HEAD_TIMED_OUT: Final = _canned(408, "Request Timeout",
+                                 "agentvisor: request head not received in time", close=True)
+_BODY_TIMED_OUT: Final = _canned(408, "Request Timeout",
+                                 "agentvisor: request body not received in time", close=True)
 _HEAD_TOO_LARGE: Final = _canned(431, "Request Header Fields Too Large",
                           "agentvisor: request head too large", close=True)
 _NOT_A_TUNNEL: Final = _canned(405, "Method Not Allowed",
@@ -207,7 +213,8 @@ class _UpstreamState:
 
     __slots__ = ("policy", "stats", "failure_statuses", "request_timeout_s", "pools", "host_lines", "last_good", "rejection",
                  "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed",
-                 "framings", "last_head", "last_known", "request_shapes", "request_heads")
+                 "framings", "last_head", "last_known", "request_shapes", "request_heads",
+                 "pool_size", "held")
 
     def __init__(self, upstream: Upstream):
         policy = self.policy = upstream.policy
@@ -217,6 +224,10 @@ class _UpstreamState:
         self.request_timeout_s = policy.request_timeout_s
         name = upstream.name
         self.pools: dict[Endpoint, list[_UpstreamConnection]] = {}
+        # Idle connections are at most pool_size, pooled or held by an agent connection
+        # for its next request (`HttpProxy._held`): idle agents cannot pin more.
+        self.pool_size = policy.pool_size
+        self.held = 0
         # How this upstream's answers are framed, by the shape of their head: see
         # `_UpstreamConnection.on_headers_complete`.
         self.framings: dict[bytes, int | list[tuple[bytes, bytes]]] = {}
@@ -275,7 +286,7 @@ class _UpstreamState:
         pool = self.pools.get(conn.endpoint)
         if pool is None:
             pool = self.pools[conn.endpoint] = []
-        if conn.dead or len(pool) >= self.policy.pool_size:
+        if conn.dead or len(pool) + self.held >= self.pool_size:
             conn.close()
             return
         if conn.reading_paused:  # an idle connection must read, to see the upstream close
@@ -359,6 +370,9 @@ class _FieldByField:
         self.on_body = proxy.on_body
         self.on_message_complete = proxy.on_message_complete
 
+    def on_message_begin(self) -> None:
+        self.proxy._head_open = True  # a head has begun: the header timeout runs
+
     def on_url(self, url: bytes) -> None:
         self.proxy._url += url  # usually one piece; the head's size is checked when complete
 
@@ -397,7 +411,7 @@ class HttpProxy(asyncio.Protocol):
     __slots__ = (
         # fixed for the connection
         "_route", "_forward", "_on_unrouted", "_loop", "_time", "_parser", "_feed", "_fixed",
-        "_fixed_state",
+        "_fixed_state", "_header_timeout_s", "_idle_timeout_s",
         "_max_header_bytes", "_max_pending_bytes", "_max_pending_requests",
         # the connection
         "_transport", "_send", "_paused", "_agent_blocked", "_owed", "_eof", "_timer",
@@ -405,12 +419,12 @@ class HttpProxy(asyncio.Protocol):
         # the request being parsed
         "_url", "_host", "_fields", "_chunked", "_framed", "_connection", "_head_bytes",
         "_head_raw", "_in_head", "_heads", "_parsing", "_lean", "_head_buf", "_head_at",
-        "_head_part",
+        "_head_part", "_head_open", "_head_since",
         # exchanges, one at a time, in order
         "_current", "_queue", "_queued_bytes", "_conn", "_wire", "_wire_bytes",
         "_reply", "_advancing",
         # between exchanges
-        "_held",
+        "_held", "_last_started",
     )
 
     def __init__(self, route: Callable[[bytes | None, int | None], Upstream | None], *,
@@ -437,6 +451,9 @@ class HttpProxy(asyncio.Protocol):
                                    else DEFAULT_MAX_PENDING_BYTES)
         self._max_pending_requests = (policy.max_pending_requests if policy
                                       else DEFAULT_MAX_PENDING_REQUESTS)
+        self._header_timeout_s = policy.header_timeout_s if policy else DEFAULT_HEADER_TIMEOUT_S
+        self._idle_timeout_s = (policy.agent_idle_timeout_s if policy
+                                else DEFAULT_AGENT_IDLE_TIMEOUT_S)
 
         self._transport: asyncio.Transport | None = None
         self._paused = 0  # _UPSTREAM_FULL | _BACKLOG
@@ -466,6 +483,10 @@ class HttpProxy(asyncio.Protocol):
         self._head_buf = b""
         self._head_at = 0
         self._head_part = b""
+        # The header timeout: a head has begun (field by field: on_message_begin; read
+        # from its bytes: `_head_part` holds its start) since `_head_since` (0: none).
+        self._head_open = False
+        self._head_since = 0.0
 
         self._current: _Request | None = None
         self._queue: deque[_Request] = deque()
@@ -482,6 +503,9 @@ class HttpProxy(asyncio.Protocol):
         # pool instead, every agent beyond pool_size churned one upstream connection per
         # request, and the pool's checkout and checkin cost every request.
         self._held: _UpstreamConnection | None = None
+        # When the last request began: the connection is idle from then on once its
+        # exchange ends, and is closed after `_idle_timeout_s` (see `_idle_check`).
+        self._last_started = 0.0
 
     # --- the agent's transport -----------------------------------------------------
 
@@ -489,6 +513,11 @@ class HttpProxy(asyncio.Protocol):
         self._transport = transport
         self._send: Callable[[bytes], None] = transport.write  # bound once (see _feed)
         transport.set_write_buffer_limits(self._max_pending_bytes)
+        # The connection's one timer, armed now so that a client that sends nothing
+        # is still bounded: first at the header timeout, which the first request's
+        # deadline (the request timeout, usually no shorter) does not overtake.
+        now = self._last_started = self._time()
+        self._arm(now + self._header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         if self._owed is not None:
@@ -537,6 +566,10 @@ class HttpProxy(asyncio.Protocol):
             at = self._head_at
             if at < len(self._head_buf):  # a head begun in this read, for the next
                 self._head_part = self._head_buf[at:]
+                if self._head_since == 0.0:
+                    self._head_begun()
+        elif self._head_open and self._head_since == 0.0:
+            self._head_begun()
         # httptools only reports a header line once it is complete, so a read that
         # neither starts nor ends a head (a long line, sent slowly) is counted whole.
         if was_in_head and self._in_head and heads == self._heads:
@@ -598,11 +631,14 @@ class HttpProxy(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._heads += 1
+        self._head_since = 0.0
         buf = self._head_buf
         at = self._head_at
-        # llhttp skips empty lines before a request line (RFC 9112 2.2): so do we.
-        while buf.startswith(b"\r\n", at) or buf.startswith(b"\n", at):
-            at += 1 if buf[at] == 10 else 2
+        # llhttp skips empty lines before a request line (RFC 9112 2.2): so do we. (By
+        # index: compiled, a byte read is native; startswith() would be a call each.)
+        n_buf = len(buf)
+        while at < n_buf and (buf[at] == 13 or buf[at] == 10):
+            at += 1
         # llhttp accepted the head, and it refuses bare LF: the request line ends at the
         # first CRLF, the head at the first blank line after it.
         if at == 0 and len(buf) <= _SMALL_READ:
@@ -649,9 +685,9 @@ class HttpProxy(asyncio.Protocol):
             raise _FieldByFieldFrom(at)
         # Most requests are GETs, each read beginning with one: no call for the name.
         method = _GET if at == 0 and buf.startswith(b"GET ") else parser.get_method()
-        version = proto[6:]
-        if version == b"1.1" and (connection is None or connection == b"keep-alive"
-                                   or connection == b"Keep-Alive"):
+        http11 = proto == _HTTP11
+        if http11 and (connection is None or connection == b"keep-alive"
+                       or connection == b"Keep-Alive"):
             keep_alive = True  # what llhttp would say: 1.1, and no close
         else:
             keep_alive = parser.should_keep_alive()
@@ -661,7 +697,7 @@ class HttpProxy(asyncio.Protocol):
             fields[kept[0]:kept[1]] if n == 2
             else fields[kept[0]:kept[1]] + fields[kept[2]:kept[3]] if n == 4
             else b"".join([fields[kept[i]:kept[i + 1]] for i in range(0, n, 2)]),
-            False, keep_alive, version == b"1.0",
+            False, keep_alive, not http11,
             buf[at + len(method) + 1:line_end - 9], self._fixed, state)
         self._head_raw = 0
         self._head_done(req, framing)
@@ -670,6 +706,8 @@ class HttpProxy(asyncio.Protocol):
         """A head read field by field (`_FieldByField`) is complete."""
         self._in_head = False
         self._heads += 1
+        self._head_open = False
+        self._head_since = 0.0
         url = self._url
         if self._head_bytes + len(url) > self._max_header_bytes:
             raise _HeadTooLarge
@@ -745,7 +783,7 @@ class HttpProxy(asyncio.Protocol):
         self._current = req
         state = req.state
         assert state is not None  # routed
-        now = req.started = self._time()
+        now = req.started = self._last_started = self._time()
         state.stats.active += 1
         for ep in upstream.endpoints:  # Upstream.choose, one call fewer
             breaker = ep.breaker
@@ -765,6 +803,7 @@ class HttpProxy(asyncio.Protocol):
             self._attempt(req, ep, fresh=False)
             return
         self._held = None
+        state.held -= 1
         req.endpoint = ep
         req.admitted = True
         conn.reused = True
@@ -827,7 +866,7 @@ class HttpProxy(asyncio.Protocol):
             self._reply.append(_NO_ROUTE)
             self._end(req)
             return
-        now = req.started = self._time()
+        now = req.started = self._last_started = self._time()
         state = req.state
         assert state is not None  # routed
         state.stats.active += 1
@@ -851,6 +890,7 @@ class HttpProxy(asyncio.Protocol):
         conn = self._held
         if conn is not None:
             self._held = None
+            conn.state.held -= 1
             transport = conn.transport
             if (fresh or conn.endpoint is not ep or conn.dead or transport is None
                     or transport.is_closing()):
@@ -929,7 +969,8 @@ class HttpProxy(asyncio.Protocol):
         self._timer = None
         req = self._current
         if req is None:
-            return  # idle: the next request arms it again
+            self._idle_check()
+            return
         if self._time() + _TIMER_SLACK_S < req.deadline:
             self._arm(req.deadline)  # a later request is in flight now
             return
@@ -938,6 +979,14 @@ class HttpProxy(asyncio.Protocol):
             # the upstream waits on it: the agent's fault, cut without a verdict.
             self._abandon(req, Outcome.CANCELLED)
             self._end(req, cut=True)
+            return
+        if not req.complete and not req.replied:
+            # The agent never finished sending its request: no upstream answers half a
+            # request, so the wait is the agent's, and so is the 408.
+            self._abandon(req, Outcome.BAD_REQUEST)
+            self._reply.clear()
+            self._reply.append(_BODY_TIMED_OUT)
+            self._end(req, close=True)
             return
         self._drop_conn()
         self._failure(req, FailureKind.TIMEOUT)
@@ -949,6 +998,35 @@ class HttpProxy(asyncio.Protocol):
             assert req.state is not None  # routed
             self._reply.append(req.state.timed_out)
             self._finish(req, Outcome.FAILED)
+
+    def _head_begun(self) -> None:
+        """A request head has begun and is not complete: it has the header timeout
+        from now (a client sending its head a byte at a time is not waited for)."""
+        now = self._head_since = self._time()
+        if self._current is None and (self._timer is None
+                                      or now + self._header_timeout_s < self._timer_at):
+            self._arm(now + self._header_timeout_s)
+
+    def _idle_check(self) -> None:
+        """The timer fired with no exchange in flight: a head overdue is answered 408,
+        a connection idle too long is closed, else the timer waits for whichever of
+        the two is next."""
+        transport = self._transport
+        if transport is None or self._owed is not None:
+            return  # gone, tunnelled, or closing after its last answer
+        now = self._time() + _TIMER_SLACK_S
+        if self._head_since:
+            due = self._head_since + self._header_timeout_s
+            if now >= due:
+                self._refuse(_HEAD_TIMED_OUT)
+                return
+        else:
+            due = self._last_started + self._idle_timeout_s
+            if now >= due:
+                self._release_held()
+                transport.close()
+                return
+        self._arm(due)
 
     def _upstream_failed(self, conn: _UpstreamConnection, kind: FailureKind) -> None:
         """`conn` failed the current exchange (refused, connect timeout, reset,
@@ -1017,12 +1095,13 @@ class HttpProxy(asyncio.Protocol):
         conn.proxy = None
         if not (reusable and req.complete):
             conn.close()
-        elif close_agent or self._transport is None:
+        elif close_agent or self._transport is None or conn.state.held >= conn.state.pool_size:
             conn.state.checkin(conn)
         else:
             if conn.reading_paused:  # idle, it must read, to see the upstream close
                 conn.resume_reading()
             self._held = conn
+            conn.state.held += 1
         if req.failed_status:
             self._failure(req, FailureKind.STATUS)
             outcome = Outcome.FAILED
@@ -1119,6 +1198,7 @@ class HttpProxy(asyncio.Protocol):
         conn = self._held
         if conn is not None:
             self._held = None
+            conn.state.held -= 1
             conn.state.checkin(conn)
 
     def _drop_conn(self) -> None:
@@ -1575,7 +1655,9 @@ class _UpstreamConnection(asyncio.Protocol):
             self.capture = None
             self._remember(req.target, capture)
         transport = proxy._transport
+        state = self.state
         if (req.failed_status or self.close_agent or self.reading_paused or transport is None
+                or state.held >= state.pool_size
                 or proxy._queue or proxy._paused or proxy._owed is not None or proxy._eof
                 or not req.complete or not (self.keeps or self.parser.should_keep_alive())):
             proxy._response_done(self, self.keeps or self.parser.should_keep_alive(),
@@ -1587,13 +1669,14 @@ class _UpstreamConnection(asyncio.Protocol):
         proxy._conn = None
         self.proxy = None
         proxy._held = self
+        state.held += 1
         req.admitted = False
         req.done = True
         now = self._time()
         breaker = ep.breaker
         if not breaker.closed:
             breaker.record(True, now)
-        stats = self.state.stats
+        stats = state.stats
         stats.active -= 1
         stats.done(_OK, now - req.started)
         proxy._current = None

@@ -28,7 +28,8 @@ from .model import (
     DEFAULT_RESOURCE_INTERVAL_S, AgentSpec, Backoff, ConfigError, HealthCheck, HostConfig, ProbeKind, Problem,
     Intercept, ResourceLimits, RestartMode, RestartPolicy, SecretsConfig,
 )
-from sidecar.config import SidecarSettings, UpstreamPolicy, parse_sidecar, parse_upstreams
+from sidecar.config import (SidecarSettings, UpstreamPolicy, parse_sidecar, parse_upstreams,
+                            self_loops)
 
 SCHEMA_NAME = "agentvisor.schema.json"
 # Addresses an agent binds to that a probe cannot connect to.
@@ -79,7 +80,7 @@ def validate_file(
     schema; otherwise it is built even if there are problems, e.g. a missing script."""
     path = Path(path)
     try:
-        source = yamlsrc.parse(path.read_text(encoding="utf-8"), str(path))
+        source = yamlsrc.parse(yamlsrc.read(path), str(path))
     except OSError as e:
         raise ConfigUnreadable(f"{path}: cannot read: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
@@ -99,6 +100,7 @@ def validate_file(
     # The sidecar's own parser reads its blocks: one reading of upstreams everywhere.
     upstreams, upstream_problems = parse_upstreams(data.get("upstreams"))
     sidecar, sidecar_problems = parse_sidecar(data.get("sidecar"))
+    sidecar_problems += self_loops(upstreams, sidecar)
     problems = validate.by_line(problems + [
         source.problem(p.path, None, p.message) for p in upstream_problems + sidecar_problems])
     paths = _Paths(

@@ -9,21 +9,35 @@ the schema and is simply skipped here.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import Draft202012Validator, ValidationError, validators
+
+from sidecar.config import upstream_warnings as _upstream_warnings
 
 from ..policy.order import find_cycles
 from . import placeholders
 from .model import Problem
-from .yamlsrc import PathKey, Source, location
+from .yamlsrc import PathKey, Source, location, printable
 
 # Probe kinds that talk to a port.
 _PORT_PROBES = ("tcp", "http")
 # The two keys of an agent that take a port in the host's one port namespace.
 _PORT_KEYS = ("port", "health_check_port")
+# YAML's .nan and .inf are floats, and JSON Schema's range keywords let NaN through (every
+# comparison with it is false) while .inf is a timeout never reached: for the schema a
+# number is finite or it is not a number.
+_Validator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "number",
+        lambda checker, value: (Draft202012Validator.TYPE_CHECKER.is_type(value, "number")
+                                and math.isfinite(value)),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,7 @@ def semantic_problems(source: Source, project_root: Path, listeners: Mapping[int
         *placeholder_problems(source, entries),
         *probes_without_port(source, entries),
         *intercept_problems(source, entries),
+        *nul_characters(source, entries),
     ]
 
 
@@ -82,7 +97,7 @@ def schema_problems(source: Source, schema: Mapping[str, Any]) -> list[Problem]:
     """Every schema error, in jsonschema's words unless the schema's `errorMessage` (or
     a shorter wording here) says it better."""
     problems = []
-    for error in Draft202012Validator(schema).iter_errors(source.data):
+    for error in _Validator(schema).iter_errors(source.data):
         path = tuple(error.absolute_path)
         if error.validator == "additionalProperties":
             # One problem per unknown key, on its own line, with the likely intended key.
@@ -120,6 +135,9 @@ def _message(error: ValidationError) -> str:
         return custom[error.validator]
     if not error.absolute_path and error.instance is None:
         return "the file is empty"
+    if (error.validator == "type" and isinstance(error.instance, float)
+            and not math.isfinite(error.instance)):
+        return f"{error.instance} is not a finite number"
     if error.validator == "type" and isinstance(error.instance, (dict, list, type(None))):
         # jsonschema would print the whole mapping or list; its kind is what matters.
         return f"expected {_json_types(error.validator_value)}, got {_json_type(error.instance)}"
@@ -139,13 +157,16 @@ def _json_type(value: Any) -> str:
 
 def missing_scripts(source: Source, entries: list[Entry], project_root: Path) -> list[Problem]:
     """script_path must name a file under project_root, the root the agent will run from."""
+    if "\0" in str(project_root):
+        return []  # no path holds one: nul_characters says so, once
     if not project_root.is_dir():
         # Every script would be missing; the one cause is what the operator must fix.
         return [source.problem(("project_root",), None, f"{project_root} is not a folder")]
     problems = []
     for entry in entries:
         script = entry.fields.get("script_path")
-        if isinstance(script, str) and not (project_root / script).is_file():
+        if (isinstance(script, str) and "\0" not in script
+                and not (project_root / script).is_file()):
             problems.append(
                 source.problem(
                     entry.path + ("script_path",), entry.name,
@@ -327,6 +348,52 @@ def intercept_problems(source: Source, entries: list[Entry]) -> list[Problem]:
             problems.append(source.problem(entry.path + ("intercept",), entry.name,
                                            "intercept: transparent needs `user:` (the agent's "
                                            "own uid is how its traffic is redirected)"))
+    return problems
+
+
+# --- warnings: valid, but surely not what was meant ----------------------------------
+
+
+def upstream_warnings(source: Source) -> list[Problem]:
+    """Keys only the L7 proxy reads, on a `tcp` upstream: the file works, but a
+    request_timeout_s there bounds nothing, so it is said, not failed. Which keys those
+    are is sidecar.config's one list (L7_ONLY_UPSTREAM_KEYS)."""
+    data = source.data if isinstance(source.data, dict) else {}
+    return [source.problem(w.path, None, w.message)
+            for w in _upstream_warnings(data.get("upstreams"))]
+
+
+# --- 9. NUL characters -------------------------------------------------------------
+
+# The sidecar's own parser checks its blocks; an agent's `config` reaches it as JSON,
+# which escapes a NUL, so it may hold anything.
+_NOT_OURS = ("upstreams", "sidecar")
+
+
+def nul_characters(source: Source, entries: list[Entry]) -> list[Problem]:
+    """A NUL ends a string at the OS: a path, argument, user or environment value holding
+    one passes every other check and fails only at spawn (`embedded null byte`)."""
+    skip = {(key,) for key in _NOT_OURS} | {e.path + ("config",) for e in entries}
+    problems = []
+    pending: list[tuple[PathKey, Any]] = [((), source.data)]
+    while pending:
+        path, value = pending.pop()
+        if path in skip:
+            continue
+        if isinstance(value, dict):
+            pending += [(path + (key,), item) for key, item in value.items()]
+            bad: list[PathKey] = [path + (key,) for key in value if "\0" in key]
+        elif isinstance(value, list):
+            pending += [(path + (i,), item) for i, item in enumerate(value)]
+            bad = []
+        else:
+            bad = [path] if isinstance(value, str) and "\0" in value else []
+        for where in bad:
+            agent = agent_at(source.data, where)
+            problems.append(source.problem(
+                where, agent and printable(agent),
+                "contains a NUL character (\\0), which no path, argument or environment "
+                "value can hold"))
     return problems
 
 

@@ -5,15 +5,22 @@ which is how two agents of the same name in one `agent_groups` group used to van
 we compose the node tree with SafeLoader, build the data ourselves, and keep a map from
 each value's path (`("pc2_services", 3, "port")`) to its 1-based line, so that every
 problem found later can point at the line the operator has to edit.
+
+Composing is bounded (size, nesting, what aliases expand to) by `sidecar.yamlbounds`, the
+one place the supervisor and the sidecar share those limits, so the tree built here is
+never deeper or larger than a real config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
+
+from sidecar import yamlbounds
 
 from .model import Problem
 
@@ -60,14 +67,32 @@ def location(path: PathKey) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            text += f".{printable(part)}" if text else printable(part)
     return text
 
 
+def printable(key: str) -> str:
+    """A key as a terminal can show it: a NUL or other control character escaped."""
+    return key if key.isprintable() else key.encode("unicode_escape").decode("ascii")
+
+
+def read(path: Path) -> str:
+    """The text of a config file; Malformed if it is too large to be one. OSError and
+    UnicodeDecodeError as from Path.read_text."""
+    try:
+        return yamlbounds.read(path)
+    except yamlbounds.Refused as e:
+        raise Malformed(Problem(str(path), None, "", None, e.problem or "")) from None
+
+
 def parse(text: str, file: str) -> Source:
-    """Parse one YAML document; raise Malformed (with line and column) if it is not YAML."""
+    """Parse one YAML document; raise Malformed (with line and column) if it is not YAML,
+    or (with line) if it costs more than any real config to read."""
     try:
         return _compose_and_build(text, file)
+    except yamlbounds.Refused as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise Malformed(Problem(file, line, "", None, e.problem or "")) from None
     except yaml.MarkedYAMLError as e:
         raise Malformed(_syntax_problem(file, e)) from None
     except yaml.YAMLError as e:  # e.g. a control character, reported by offset
@@ -75,7 +100,7 @@ def parse(text: str, file: str) -> Source:
 
 
 def _compose_and_build(text: str, file: str) -> Source:
-    loader = yaml.SafeLoader(text)
+    loader = yamlbounds.BoundedLoader(text, file)
     try:
         node = loader.get_single_node()
         builder = _Builder(loader, file)
@@ -99,7 +124,6 @@ class _Builder:
         self.file = file
         self.lines: dict[PathKey, int] = {}
         self.problems: list[Problem] = []
-        self._open: set[int] = set()  # nodes being built: an alias back into one is a loop
 
     def value(self, node: Node, path: PathKey) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
@@ -109,17 +133,9 @@ class _Builder:
             raise yaml.constructor.ConstructorError(
                 None, None, f"the tag {node.tag} is not supported here", node.start_mark
             )
-        if id(node) in self._open:
-            raise yaml.constructor.ConstructorError(
-                None, None, "an alias refers to a value that contains it", node.start_mark
-            )
-        self._open.add(id(node))
-        try:
-            if isinstance(node, SequenceNode):
-                return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
-            return self.mapping(node, path)
-        finally:
-            self._open.discard(id(node))
+        if isinstance(node, SequenceNode):
+            return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
+        return self.mapping(node, path)
 
     def mapping(self, node: MappingNode, path: PathKey) -> dict[str, Any]:
         # Duplicates are looked for among the keys written here; keys that `<<:` merges

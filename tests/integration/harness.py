@@ -154,3 +154,52 @@ class Fleet:
 
 def parse_json(text: str):
     return json.loads(text)
+
+
+class StandaloneSidecar:
+    """`python -m sidecar.main` on its own, from a config dict, compiled or interpreted,
+    ready when started; its log kept for the test to read."""
+
+    def __init__(self, workdir: Path, config: dict, *, pure: bool = False):
+        self.metrics_port = int(config["sidecar"]["metrics_listen"].rsplit(":", 1)[1])
+        self.config_path = workdir / "sidecar.yaml"
+        self.config_path.write_text(json.dumps(config))  # JSON is YAML
+        self.log_path = workdir / "sidecar.log"
+        env = dict(os.environ, AGENTVISOR_PURE_PYTHON="1" if pure else "0")
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar.main", "--config", str(self.config_path)],
+                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.ready() or self.proc.poll() is not None, 20,
+                   "the sidecar to be ready")
+
+    def ready(self) -> bool:
+        return self.get("/ready")[0] == 200
+
+    def get(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}",
+                                        timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def descriptors(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

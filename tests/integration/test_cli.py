@@ -131,3 +131,15 @@ def test_fatal_retry_s_tries_again_by_itself(fleet):
     wait_until(lambda: fleet.agent("Crasher")["restarts"] > first, 10, "a retry after FATAL")
     wait_until(lambda: fleet.supervisor_log().count("retrying in 0.3 s") >= 2, 10,
                "FATAL again, with the retry announced")
+
+
+def test_validate_warns_about_l7_keys_on_a_tcp_upstream_and_still_passes(tmp_path):
+    config = tmp_path / "pc2.yaml"
+    config.write_text("host: pc2\nupstreams:\n  Zmq:\n    address: 127.0.0.1:5555\n"
+                      "    protocol: tcp\n    retry: {attempts: 2}\n")
+    out = run_cli("validate", "--offline", str(config))
+    assert out.returncode == 0, out.stderr
+    assert f"warning: {config}:6: upstreams.Zmq.retry: ignored" in out.stdout
+    out = run_cli("validate", "--offline", "--json", str(config))
+    [report] = json.loads(out.stdout)
+    assert report["problems"] == [] and len(report["warnings"]) == 1

@@ -231,3 +231,31 @@ def test_sealed_secrets_are_unsealed_at_start_and_tampering_is_refused(fleet, st
     fleet.wait_state("Nats", "FATAL")
     assert "authentication failed" in fleet.supervisor_log()
     assert VALUE not in fleet.supervisor_log()
+
+
+def test_a_secret_refused_for_its_mode_or_owner_is_used_once_fixed(fleet, store):
+    # The refusal says `chmod 0400 it`; doing so changes neither content nor mtime, only
+    # the mode, and the agent must not stay FATAL after the operator did as told.
+    put(store, "OPEN", VALUE, mode=0o644)
+    as_root = os.geteuid() == 0  # only root can give a file to another owner
+    if as_root:
+        put(store, "FOREIGN", VALUE)
+        os.chown(store / "FOREIGN", 65534, 65534)
+    names = ["OPEN", *(["FOREIGN"] if as_root else [])]
+    outs = {n: fleet.dir / f"{n}.txt" for n in names}
+    fleet.write_config({
+        "secrets": {"dir": str(store), "names": names, "poll_s": 0.1},
+        "pc2_services": [agent(fleet, f"Uses{n.title()}", outs[n],
+                               env={"NATS_PASSWORD": "${%s}" % n}) for n in names],
+    })
+    fleet.start()
+    assert "chmod 0400 it" in fleet.wait_state("UsesOpen", "FATAL")["reason"]
+    if as_root:
+        assert "owned by uid 65534" in fleet.wait_state("UsesForeign", "FATAL")["reason"]
+    os.chmod(store / "OPEN", 0o400)
+    if as_root:
+        os.chown(store / "FOREIGN", os.geteuid(), os.getegid())
+    for n in names:
+        fleet.wait_state(f"Uses{n.title()}", "RUNNING")
+        wait_until(lambda: runs(outs[n]), 5, f"Uses{n.title()}'s report")
+        assert runs(outs[n])[0]["env"] == VALUE

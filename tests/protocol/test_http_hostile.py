@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.config import RetrySettings
+from sidecar.config import DEFAULT_HEADER_TIMEOUT_S, RetrySettings
 from tests.protocol.rig import GET, OK, Rig
 
 
@@ -320,3 +320,85 @@ def test_early_hints_keep_their_fields():
     assert answer.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload"
                              b"\r\n\r\n")
     assert answer.endswith(OK)
+
+
+# --- bounded: slow heads, idle connections ---------------------------------------------
+
+
+@pytest.mark.parametrize("forward", [False, True])
+def test_a_head_sent_a_byte_at_a_time_is_answered_408_at_the_header_timeout(forward):
+    rig = Rig(header_timeout_s=5.0)
+    if forward:
+        proxy, agent = rig.agent(forward_route=lambda host, port: rig.upstream)
+        head = b"GET http://hub:9000/ HTTP/1.1\r\nHost: hub:9000\r\nX-Slow: "
+    else:
+        proxy, agent = rig.agent()
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    start = rig.loop.now
+    head += b"x" * 100
+    for i in range(len(head)):  # a byte every 0.2 s: never a whole head
+        proxy.data_received(head[i:i + 1])
+        rig.loop.now += 0.2
+        for timer in [t for t in rig.loop.armed() if t.when <= rig.loop.now]:
+            timer.fire()
+        if agent.closed:
+            break
+    assert agent.closed
+    assert agent.take().startswith(b"HTTP/1.1 408 ")
+    # the forward proxy learns a request's upstream from its head: its own default
+    limit = DEFAULT_HEADER_TIMEOUT_S if forward else 5.0
+    assert rig.loop.now - start <= limit + 0.2 + 1e-9
+    assert rig.loop.connects == [] and failures(rig) == {}
+
+
+def test_a_slow_head_after_a_keep_alive_exchange_has_its_own_header_timeout():
+    rig = Rig(header_timeout_s=5.0, agent_idle_timeout_s=60.0)
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    connect.respond(OK)
+    assert agent.take() == OK
+    rig.loop.now += 30.0  # idle, well inside the idle timeout
+    for timer in [t for t in rig.loop.armed() if t.when <= rig.loop.now]:
+        timer.fire()
+    assert not agent.closed
+    proxy.data_received(b"GET / HT")
+    deadline = rig.loop.now + 5.0
+    fire_all(rig)
+    assert agent.closed and agent.take().startswith(b"HTTP/1.1 408 ")
+    assert rig.loop.now <= deadline + 0.01
+
+
+def test_a_connection_that_sends_nothing_is_closed_at_the_idle_timeout():
+    rig = Rig(header_timeout_s=5.0, agent_idle_timeout_s=20.0)
+    proxy, agent = rig.agent()
+    start = rig.loop.now
+    fire_all(rig)
+    assert agent.closed and agent.take() == b""
+    assert rig.loop.now - start == pytest.approx(20.0)
+
+
+def test_a_request_in_flight_is_never_cut_by_the_idle_timeout():
+    rig = Rig(request_timeout_s=30.0, agent_idle_timeout_s=5.0, header_timeout_s=5.0)
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    connect.accept()
+    rig.loop.now += 20.0
+    for timer in [t for t in rig.loop.armed() if t.when <= rig.loop.now]:
+        timer.fire()
+    assert not agent.closed
+    connect.respond(OK)
+    assert agent.take() == OK
+
+
+def test_an_agent_that_stalls_mid_body_gets_408_and_the_upstream_no_blame():
+    rig = Rig(request_timeout_s=2.0)
+    proxy, agent = rig.agent()
+    proxy.data_received(b"POST /push HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123")
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    fire_all(rig)
+    assert agent.take().startswith(b"HTTP/1.1 408 ") and agent.closed and up.closed
+    assert failures(rig) == {} and breaker_failures(rig) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.config import (BreakerSettings, Fallback, FallbackKind, Protocol, RetrySettings,
+from sidecar.config import (DEFAULT_AGENT_IDLE_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, BreakerSettings, Fallback, FallbackKind, Protocol, RetrySettings,
                             UpstreamPolicy)
 from sidecar.policy.breaker import BreakerState
 from sidecar.proxy.http import HttpProxy
@@ -431,8 +431,8 @@ def test_held_connection_answer_with_close_ends_both_connections():
     assert up.closed and not agent2.closed and len(rig.loop.connects) == 1
 
 
-def test_each_agent_keeps_its_upstream_connection_beyond_pool_size():
-    rig = Rig(pool_size=1)
+def test_each_agent_keeps_its_upstream_connection_within_pool_size():
+    rig = Rig(pool_size=2)
     (p1, a1), (p2, a2) = rig.agent(), rig.agent()
     p1.data_received(GET)
     p2.data_received(GET)  # in flight together: two upstream connections
@@ -450,6 +450,20 @@ def test_each_agent_keeps_its_upstream_connection_beyond_pool_size():
     c2.respond(OK)
     assert a1.take() == a2.take() == OK * 6
     assert len(rig.loop.connects) == 2 and rig.stats.outcomes["ok"] == 12
+
+
+def test_connections_held_by_idle_agents_count_against_pool_size():
+    # Each idle keep-alive agent used to pin its own upstream connection, whatever
+    # pool_size said: a thousand idle agents, a thousand upstream connections.
+    rig = Rig(pool_size=2)
+    agents = [rig.agent() for _ in range(5)]
+    for proxy, _ in agents:
+        proxy.data_received(GET)
+    ups = [c.accept() for c in rig.loop.connects]
+    for c in rig.loop.connects:
+        c.respond(OK)
+    assert all(a.take() == OK for _, a in agents)
+    assert sum(not up.closed for up in ups) == 2
 
 
 def test_idle_pool_is_bounded_by_pool_size_when_agents_leave():
@@ -610,8 +624,14 @@ def test_one_timer_per_connection_follows_the_request_in_flight():
     assert timer.when == rig.loop.now + 4.0
     connect.respond(OK)
     rig.loop.now = timer.when
-    timer.fire()  # nothing in flight: the timer lapses
-    assert agent.take() == OK and rig.loop.armed() == []
+    timer.fire()  # nothing in flight: it waits for the idle timeout, from the last start
+    assert agent.take() == OK
+    [timer] = rig.loop.armed()
+    assert timer.when == rig.loop.now - 10.0 + DEFAULT_AGENT_IDLE_TIMEOUT_S
+    assert not agent.closed
+    rig.loop.now = timer.when
+    timer.fire()  # idle that long: closed, and its upstream connection pooled
+    assert agent.closed and rig.loop.armed() == []
     assert rig.stats.failures == {} and rig.stats.outcomes["ok"] == 2
     proxy.connection_lost(None)
 
@@ -671,7 +691,9 @@ def test_open_breaker_answers_503_at_once_naming_the_breaker():
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert b"X-Agentvisor-Breaker: Hub\r\n" in answer
     assert b"Retry-After: 3\r\n" in answer
-    assert rig.loop.connects == [] and rig.loop.armed() == []
+    # no request deadline: only the connection's own timer (header, then idle timeout)
+    assert rig.loop.connects == []
+    assert [t.when for t in rig.loop.armed()] == [rig.loop.now + DEFAULT_HEADER_TIMEOUT_S]
     assert rig.stats.outcomes["rejected"] == 1
     proxy.data_received(GET)  # the agent's connection stays usable
     assert agent.take().startswith(b"HTTP/1.1 503 ")

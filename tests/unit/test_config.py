@@ -624,3 +624,101 @@ def test_relative_directory_overrides_become_absolute(tmp_path, monkeypatch):
                   runtime_dir=Path("rel/run"), logs_dir=Path("rel/logs"))
     assert config.runtime_dir == tmp_path / "rel/run"
     assert config.logs_dir == tmp_path / "rel/logs"
+
+
+# --- L4 upstreams: response timeout, finite numbers, possible addresses, L7-only keys --
+
+
+def test_response_timeout_defaults_to_10_s_and_0_or_null_turn_it_off(tmp_path):
+    path = write(tmp_path, """\
+        upstreams:
+          Default: {address: "127.0.0.1:7000"}
+          Zero: {address: "127.0.0.1:7001", response_timeout_s: 0}
+          Disabled: {address: "127.0.0.1:7002", response_timeout_s: null}
+          Set: {address: "127.0.0.1:7003", response_timeout_s: 2.5}
+        """)
+    ups = load(path, check_machine=False).upstreams
+    assert {name: up.response_timeout_s for name, up in ups.items()} == {
+        "Default": 10.0, "Zero": 0.0, "Disabled": 0.0, "Set": 2.5}
+
+
+def test_nan_and_infinite_numbers_are_problems(tmp_path):
+    """YAML's .nan passes every comparison a range check makes, and .inf is a deadline
+    never met: both would reach run time."""
+    path = write(tmp_path, """\
+        upstreams:
+          Hub:
+            address: "127.0.0.1:9100"
+            connect_timeout_s: .nan
+            idle_timeout_s: .inf
+            response_timeout_s: .NaN
+            breaker: {window_s: .inf}
+        sidecar: {drain_s: .nan}
+        """)
+    found = problems(path)
+    for expected in (
+            f"{path}:4: upstreams.Hub.connect_timeout_s: nan is not a finite number",
+            f"{path}:5: upstreams.Hub.idle_timeout_s: inf is not a finite number",
+            f"{path}:6: upstreams.Hub.response_timeout_s: nan is not a finite number",
+            f"{path}:7: upstreams.Hub.breaker.window_s: inf is not a finite number",
+            f"{path}:8: sidecar.drain_s: nan is not a finite number"):
+        assert expected in found
+
+
+def test_impossible_addresses_are_problems(tmp_path):
+    path = write(tmp_path, """\
+        upstreams:
+          Nul: {address: "hub\\0evil:9000"}
+          NoPort: {address: "127.0.0.1:0"}
+          Nowhere: {address: "127.0.0.1:9000", listen: "no-such-host.invalid:7000"}
+          FreePort: {address: "mainpc:9000", listen: "127.0.0.1:0"}
+        sidecar: {metrics_listen: "127.0.0.1:0", proxy_listen: "localhost:0"}
+        """)
+    found = problems(path)
+    for expected in (
+            f"{path}:2: upstreams.Nul.address: 'hub\\x00evil:9000' is not host:port: it "
+            "contains a NUL byte",
+            f"{path}:3: upstreams.NoPort.address: '127.0.0.1:0': port 0 means any free port; "
+            "this address needs a fixed one",
+            f"{path}:4: upstreams.Nowhere.listen: 'no-such-host.invalid:7000': cannot listen "
+            "on 'no-such-host.invalid': not an IP address, and it does not resolve",
+            f"{path}:6: sidecar.metrics_listen: '127.0.0.1:0': port 0 means any free port; "
+            "this address needs a fixed one"):
+        assert any(p.startswith(expected) for p in found), (expected, found)
+    # A free port is what a listener gets by default; an endpoint's name resolves later,
+    # on the host that runs it.
+    assert not [p for p in found if "FreePort" in p or "proxy_listen" in p]
+
+
+def test_l7_keys_on_a_tcp_upstream_are_warnings_not_problems(tmp_path):
+    from supervisor.config import validate, yamlsrc
+
+    text = dedent("""\
+        upstreams:
+          ZmqHub:
+            address: "127.0.0.1:5555"
+            request_timeout_s: 5
+            retry: {attempts: 2}
+            response_timeout_s: 5
+          WebHub:
+            address: "127.0.0.1:8080"
+            protocol: http
+            request_timeout_s: 5
+        """)
+    path = write(tmp_path, text)
+    assert problems(path) == []
+    warnings = [str(w) for w in validate.upstream_warnings(yamlsrc.parse(text, str(path)))]
+    assert warnings == [
+        f"{path}:4: upstreams.ZmqHub.request_timeout_s: ignored: only protocol: http "
+        "upstreams use request_timeout_s (this one is tcp)",
+        f"{path}:5: upstreams.ZmqHub.retry: ignored: only protocol: http upstreams use "
+        "retry (this one is tcp)",
+    ]
+
+
+def test_schema_and_sidecar_parser_know_the_same_upstream_keys():
+    from sidecar.config import L4_UPSTREAM_KEYS, L7_ONLY_UPSTREAM_KEYS, UPSTREAM_KEYS
+
+    schema = json.loads((REPO / "config/agentvisor.schema.json").read_text())
+    assert set(schema["$defs"]["upstream"]["properties"]) == set(UPSTREAM_KEYS)
+    assert not L4_UPSTREAM_KEYS & L7_ONLY_UPSTREAM_KEYS

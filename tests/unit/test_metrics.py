@@ -42,6 +42,7 @@ def test_requests_count_every_outcome_from_zero(hub):
         'agentvisor_sidecar_requests_total{outcome="rejected",upstream="Hub"} 1.0',
         'agentvisor_sidecar_requests_total{outcome="fallback",upstream="Hub"} 0.0',
         'agentvisor_sidecar_requests_total{outcome="bad_request",upstream="Hub"} 0.0',
+        'agentvisor_sidecar_requests_total{outcome="cancelled",upstream="Hub"} 0.0',
     ]
     assert "# TYPE agentvisor_sidecar_requests_total counter" in lines
 
