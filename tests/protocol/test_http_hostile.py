@@ -32,6 +32,13 @@ def fire_all(rig: Rig) -> None:
         timer.fire()
 
 
+def accept_all(rig: Rig) -> None:
+    """Complete every connect the proxy asked for: whatever it meant to send, it sends."""
+    for connect in rig.loop.connects:
+        if connect.transport is None:
+            connect.accept()
+
+
 def sent_upstream(rig: Rig) -> bytes:
     return b"".join(b"".join(c.transport.writes) for c in rig.loop.connects
                     if c.transport is not None)
@@ -49,9 +56,7 @@ def test_a_request_whose_connection_names_content_length_is_refused(connection):
     proxy, agent = rig.agent()
     proxy.data_received(b"POST /push HTTP/1.1\r\nHost: x\r\nConnection: %s\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (connection, len(SMUGGLED), SMUGGLED))
-    for connect in rig.loop.connects:
-        if connect.transport is None:
-            connect.accept()
+    accept_all(rig)
     assert b"/admin" not in sent_upstream(rig)
     answer = agent.take()
     assert answer.startswith(b"HTTP/1.1 400 ") and agent.closed
@@ -64,9 +69,7 @@ def test_a_chunked_request_whose_connection_names_transfer_encoding_is_refused()
     body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)
     proxy.data_received(b"POST /push HTTP/1.1\r\nHost: x\r\nConnection: Transfer-Encoding\r\n"
                         b"Transfer-Encoding: chunked\r\n\r\n" + body)
-    for connect in rig.loop.connects:
-        if connect.transport is None:
-            connect.accept()
+    accept_all(rig)
     assert b"/admin" not in sent_upstream(rig)
     assert agent.take().startswith(b"HTTP/1.1 400 ") and agent.closed
 
@@ -77,9 +80,7 @@ def test_the_forward_proxy_refuses_framing_named_in_connection_too():
     proxy.data_received(b"POST http://hub:9000/push HTTP/1.1\r\nHost: hub:9000\r\n"
                         b"Connection: Content-Length\r\nContent-Length: %d\r\n\r\n%s"
                         % (len(SMUGGLED), SMUGGLED))
-    for connect in rig.loop.connects:
-        if connect.transport is None:
-            connect.accept()
+    accept_all(rig)
     assert b"/admin" not in sent_upstream(rig)
     assert agent.take().startswith(b"HTTP/1.1 400 ")
 
@@ -155,9 +156,7 @@ def test_an_upgrade_request_with_a_body_is_refused_not_timed_out():
     proxy, agent = rig.agent()
     proxy.data_received(b"POST /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                         b"Upgrade: websocket\r\nContent-Length: 5\r\n\r\nhello")
-    for connect in rig.loop.connects:
-        if connect.transport is None:
-            connect.accept()
+    accept_all(rig)
     fire_all(rig)
     assert agent.take().startswith(b"HTTP/1.1 400 ")
     assert failures(rig) == {} and breaker_failures(rig) == 0
@@ -187,9 +186,7 @@ def test_a_request_line_that_is_not_http_1_is_refused(line, forward):
     else:
         proxy, agent = rig.agent()
     proxy.data_received(line)
-    for connect in rig.loop.connects:
-        if connect.transport is None:
-            connect.accept()
+    accept_all(rig)
     assert sent_upstream(rig) == b""
     answer = agent.take()
     assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 505 ")) and agent.closed
