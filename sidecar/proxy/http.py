@@ -28,6 +28,7 @@ method if a call in between may change it). The tests run it compiled and interp
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import re
@@ -535,32 +536,34 @@ class HttpProxy(asyncio.Protocol):
             else:
                 self._head_buf = data
             self._head_at = 0
+        replay = False
+        rest = b""
         try:
             self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgraded(data[exc.args[0]:])
             return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _FieldByFieldFrom):
-                # A chunked request: from its head on, field by field for good.
-                rest = self._head_buf[exc.__context__.args[0]:]
-                self._lean = False
-                self._in_head = True
-                self._heads -= 1
-                self._parser = httptools.HttpRequestParser(_FieldByField(self))
-                self._feed = self._parser.feed_data
-                self.data_received(rest)
+            cause = exc.__context__
+            if not isinstance(cause, _FieldByFieldFrom):
+                self._callback_failed(cause)
                 return
-            if isinstance(exc.__context__, _HeadTooLarge):
-                self._refuse(_HEAD_TOO_LARGE)
-            elif isinstance(exc.__context__, _BadMessage):
-                self._refuse(_BAD_REQUEST)
-            else:  # our bug: say so, and still answer like a proxy
-                log.error("agent request callback failed", exc_info=exc.__context__)
-                self._refuse(_BAD_REQUEST)
-            return
+            # A chunked request: from its head on, field by field for good.
+            rest = self._head_buf[cause.args[0]:]
+            self._lean = False
+            self._in_head = True
+            self._heads -= 1
+            self._parser = httptools.HttpRequestParser(_FieldByField(self))
+            self._feed = self._parser.feed_data
+            replay = True
         except httptools.HttpParserError:
             self._refuse(_BAD_REQUEST)
+            return
+        if replay:
+            # Outside the handler: httptools takes the exception being handled as the
+            # cause of a callback's failure, so inside it the replay's own refusal
+            # (a _BadMessage) would be lost and logged as our bug.
+            self.data_received(rest)
             return
         if lean and self._in_head:
             at = self._head_at
@@ -579,6 +582,16 @@ class HttpProxy(asyncio.Protocol):
                 return
         if self._wire:
             self._flush_wire()
+
+    def _callback_failed(self, cause: BaseException | None) -> None:
+        """One of the request parser's callbacks raised `cause`: a refusal, or our bug."""
+        if isinstance(cause, _HeadTooLarge):
+            self._refuse(_HEAD_TOO_LARGE)
+        elif isinstance(cause, _BadMessage):
+            self._refuse(_BAD_REQUEST)
+        else:  # our bug: say so, and still answer like a proxy
+            log.error("agent request callback failed", exc_info=cause)
+            self._refuse(_BAD_REQUEST)
 
     def eof_received(self) -> bool:
         req = self._parsing
@@ -1307,6 +1320,7 @@ class _UpstreamConnection(asyncio.Protocol):
         "loop", "_time", "state", "endpoint", "parser", "feed", "max_header_bytes",
         # the connection
         "transport", "send", "proxy", "reused", "dead", "reading_paused", "_connecting",
+        "_cancellable",
         "_connect_timer",
         # the response being parsed
         "got_bytes", "head_buf", "head_at", "head_part", "length", "mode",
@@ -1330,6 +1344,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.dead = False
         self.reading_paused = False
         self._connecting: asyncio.Task | None = None
+        self._cancellable = True
         self._connect_timer: asyncio.TimerHandle | None = None
 
         self.got_bytes = False
@@ -1364,12 +1379,18 @@ class _UpstreamConnection(asyncio.Protocol):
         self._connecting = loop.create_task(loop.create_connection(lambda: self, ep.host,
                                                                    ep.port))
         self._connecting.add_done_callback(self._connect_done)
+        # A name is looked up first, and a connect cancelled during the lookup (the
+        # agent left, the deadline passed) leaves the lookup's failure unretrieved: an
+        # asyncio error in the log per bad name. Such a connect is never cancelled; it
+        # runs to its end, `_connect_done` collects its outcome, and `dead` drops a
+        # connection nobody wants any more.
+        self._cancellable = _is_address(ep.host)
 
     def _connect_timed_out(self) -> None:
         self._connect_timer = None
         if self.transport is None and not self.dead:
             self.dead = True
-            if self._connecting is not None:
+            if self._connecting is not None and self._cancellable:
                 self._connecting.cancel()
             if self.proxy is not None:
                 self.proxy._upstream_failed(self, FailureKind.CONNECT_TIMEOUT)
@@ -1488,7 +1509,7 @@ class _UpstreamConnection(asyncio.Protocol):
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None
-        if self._connecting is not None:
+        if self._connecting is not None and self._cancellable:
             self._connecting.cancel()
 
     def _malformed(self) -> None:
@@ -1693,6 +1714,15 @@ class _UpstreamConnection(asyncio.Protocol):
         length = b"" if self.length else b"Content-Length: %d\r\n" % self.capture_bytes
         self.state.remember(target, b"".join(
             (*capture[:3], length, _FALLBACK_LAST_GOOD, b"\r\n", *capture[3:])))
+
+
+def _is_address(host: str) -> bool:
+    """An IP literal (connects without a lookup), not a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _choose_other(upstream: Upstream, failed: Endpoint, now: float) -> Endpoint | None:

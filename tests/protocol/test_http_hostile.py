@@ -399,3 +399,21 @@ def test_an_agent_that_stalls_mid_body_gets_408_and_the_upstream_no_blame():
     fire_all(rig)
     assert agent.take().startswith(b"HTTP/1.1 408 ") and agent.closed and up.closed
     assert failures(rig) == {} and breaker_failures(rig) == 0
+
+
+@pytest.mark.parametrize("extra", [b"Connection: Transfer-Encoding\r\n",
+                                   b"Connection: Upgrade\r\nUpgrade: websocket\r\n"])
+def test_a_chunked_request_refused_field_by_field_is_a_400_not_an_internal_error(
+        extra, caplog):
+    # A chunked request is read again field by field; a refusal there used to be taken
+    # for the chunked hand-over's exception and logged as the proxy's own bug.
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    rig.loop.connects[0].accept()
+    rig.loop.connects[0].respond(OK)
+    assert agent.take() == OK
+    proxy.data_received(b"POST /push HTTP/1.1\r\nHost: x\r\n" + extra +
+                        b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    assert agent.take().startswith(b"HTTP/1.1 400 ")
+    assert "callback failed" not in caplog.text
