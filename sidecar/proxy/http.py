@@ -752,8 +752,10 @@ class HttpProxy(asyncio.Protocol):
                 policy = upstream.policy
                 self._max_pending_bytes = policy.max_pending_bytes
                 self._max_pending_requests = policy.max_pending_requests
-            # A forward proxy keeps the agent's Host (it names the destination already).
-            host_line = b"Host: %s\r\n" % (self._host or authority)
+            # The target's authority is the destination, whatever Host says (RFC 9112
+            # 3.2.2): the upstream must be told the place it was reached as, not a name
+            # the agent made up (a virtual host it may not serve to this agent).
+            host_line = b"Host: %s\r\n" % authority
         fields = b"".join(self._fields)
         connection = self._connection
         if connection is not None and connection not in _PLAIN_CONNECTION:

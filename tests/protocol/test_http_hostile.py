@@ -417,3 +417,12 @@ def test_a_chunked_request_refused_field_by_field_is_a_400_not_an_internal_error
                         b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
     assert agent.take().startswith(b"HTTP/1.1 400 ")
     assert "callback failed" not in caplog.text
+
+
+def test_an_absolute_form_request_goes_on_with_its_targets_host_not_the_agents():
+    rig = Rig()
+    proxy, agent = rig.agent(forward_route=lambda host, port: rig.upstream)
+    proxy.data_received(b"GET http://hub.lan:9000/m HTTP/1.1\r\nHost: admin.internal\r\n\r\n")
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    assert up.take() == b"GET /m HTTP/1.1\r\nHost: hub.lan:9000\r\n\r\n"
