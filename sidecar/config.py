@@ -468,33 +468,3 @@ def parse_sidecar(data: Any, where: Path = ("sidecar",)) -> tuple[SidecarSetting
         drain_s=p.seconds(data, "drain_s", DEFAULT_DRAIN_S),
     ), problems
 
-
-def _is_loopback_host(host: str) -> bool:
-    name = host.rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        ip = ipaddress.ip_address(name.split("%", 1)[0])
-    except ValueError:
-        return False
-    return ip.is_loopback or ip.is_unspecified
-
-
-def self_loops(policies: Mapping[str, UpstreamPolicy], settings: SidecarSettings,
-               where: Path = ("upstreams",)) -> list[UpstreamProblem]:
-    """Endpoints that are the sidecar's own listeners: a call to one would come back to
-    the sidecar, which would call it again, until every descriptor is taken. Only fixed
-    listen ports can be told here; the router refuses the rest at run time."""
-    own = {port for _, port in (settings.proxy_listen, settings.transparent_listen,
-                                settings.metrics_listen) if port}
-    own |= {p.listen[1] for p in policies.values() if p.listen[1]}
-    problems = []
-    for name, policy in policies.items():
-        for i, (host, port) in enumerate(policy.endpoints):
-            if port in own and _is_loopback_host(host):
-                problems.append(UpstreamProblem(
-                    (*where, name, "addresses" if len(policy.endpoints) > 1 else "address",
-                     *((i,) if len(policy.endpoints) > 1 else ())),
-                    f"{host}:{port} is one of the sidecar's own listeners: calls would loop "
-                    f"back into the sidecar"))
-    return problems

@@ -29,9 +29,8 @@ from pathlib import Path
 import yaml
 
 from sidecar import compiled, control, yamlbounds
-from sidecar.config import (Protocol, SidecarSettings, parse_sidecar, parse_upstreams,
-                            self_loops)
-from sidecar.routing import Router
+from sidecar.config import Protocol, SidecarSettings, parse_sidecar, parse_upstreams
+from sidecar.routing import Router, self_loops
 from sidecar.upstream import Upstream
 
 log = logging.getLogger("agentvisor.sidecar")

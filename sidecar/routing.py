@@ -29,8 +29,9 @@ import time
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
+from typing import Mapping
 
-from sidecar.config import Protocol, UpstreamPolicy
+from sidecar.config import Protocol, SidecarSettings, UpstreamPolicy, UpstreamProblem
 from sidecar.policy.breaker import BreakerState
 from sidecar.upstream import Upstream
 
@@ -125,11 +126,8 @@ class Router:
 
     def _is_here(self, host: str) -> bool:
         name = host.rstrip(".").lower()
-        for address in (*_spellings_of(name), *self._hosts.get(name, ())):
-            ip = ipaddress.ip_address(address)
-            if ip.is_loopback or ip.is_unspecified or address in self._local:
-                return True
-        return False
+        return any(_loopback(address) or address in self._local
+                   for address in (*_spellings_of(name), *self._hosts.get(name, ())))
 
     def http(self, host: bytes, port: int) -> Upstream | None:
         """For the forward proxy: absolute-form targets and CONNECT."""
@@ -148,6 +146,34 @@ class Router:
         out = Destinations([*self.upstreams.values(), *pass_through])
         out.declared = len(self.upstreams)
         return out
+
+
+def self_loops(policies: Mapping[str, UpstreamPolicy], settings: SidecarSettings,
+               where: tuple = ("upstreams",)) -> list[UpstreamProblem]:
+    """Endpoints that are the sidecar's own listeners, for `validate`: a call to one
+    would come back to the sidecar, which would call it again, until every descriptor is
+    taken. Only fixed listen ports can be told from the config; `Router.route` refuses
+    the rest at run time."""
+    own = {port for _, port in (settings.proxy_listen, settings.transparent_listen,
+                                settings.metrics_listen) if port}
+    own |= {p.listen[1] for p in policies.values() if p.listen[1]}
+    problems = []
+    for name, policy in policies.items():
+        several = len(policy.endpoints) > 1
+        for i, (host, port) in enumerate(policy.endpoints):
+            if port in own and any(_loopback(a) for a in _spellings_of(host)):
+                problems.append(UpstreamProblem(
+                    (*where, name, *(("addresses", i) if several else ("address",))),
+                    f"{host}:{port} is one of the sidecar's own listeners: calls would loop "
+                    f"back into the sidecar"))
+    return problems
+
+
+def _loopback(address: str) -> bool:
+    """A canonical address (see `_spellings_of`) that reaches this host whatever its
+    interfaces: loopback, or the unspecified address (which connects to loopback)."""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or ip.is_unspecified
 
 
 def _local_addresses() -> frozenset[str]:

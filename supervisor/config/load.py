@@ -28,8 +28,8 @@ from .model import (
     DEFAULT_RESOURCE_INTERVAL_S, AgentSpec, Backoff, ConfigError, HealthCheck, HostConfig, ProbeKind, Problem,
     Intercept, ResourceLimits, RestartMode, RestartPolicy, SecretsConfig,
 )
-from sidecar.config import (SidecarSettings, UpstreamPolicy, parse_sidecar, parse_upstreams,
-                            self_loops)
+from sidecar.config import SidecarSettings, UpstreamPolicy, parse_sidecar, parse_upstreams
+from sidecar.routing import self_loops
 
 SCHEMA_NAME = "agentvisor.schema.json"
 # Addresses an agent binds to that a probe cannot connect to.

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -177,9 +179,6 @@ class StandaloneSidecar:
         return self.get("/ready")[0] == 200
 
     def get(self, path: str) -> tuple[int, str]:
-        import urllib.error
-        import urllib.request
-
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}",
                                         timeout=2) as r:

@@ -13,8 +13,8 @@ import textwrap
 
 import pytest
 
-from sidecar.config import UpstreamPolicy, parse_sidecar, parse_upstreams, self_loops
-from sidecar.routing import Router
+from sidecar.config import UpstreamPolicy, parse_sidecar, parse_upstreams
+from sidecar.routing import Router, self_loops
 from tests.integration.harness import ROOT, StandaloneSidecar, free_port
 
 
