@@ -11,7 +11,7 @@ COMPILED := pure-python
 else
 COMPILED := sidecar/.compiled-stamp
 endif
-SIDECAR_SRC := $(wildcard sidecar/*.py sidecar/*/*.py)
+SIDECAR_SRC := $(wildcard sidecar/*.py sidecar/*/*.py sidecar/*/*/*.py)
 # Debian packages for the real components: the tests use systemd (its units, run under
 # a real PID 1), nft and ip (transparent interception in network namespaces),
 # nats-server (the NATS unit); the hot-path benchmark

@@ -15,7 +15,12 @@ HOT_PATH = (
     "sidecar.policy.retry",
     "sidecar.upstream",
     "sidecar.proxy.tcp",
-    "sidecar.proxy.http",
+    "sidecar.proxy.http.heads",
+    "sidecar.proxy.http.replies",
+    "sidecar.proxy.http.pool",
+    "sidecar.proxy.http.exchange",
+    "sidecar.proxy.http.upstream_conn",
+    "sidecar.proxy.http.agent",
 )
 
 if _os.environ.get("AGENTVISOR_PURE_PYTHON") == "1":
@@ -41,5 +46,5 @@ if _os.environ.get("AGENTVISOR_PURE_PYTHON") == "1":
 
 def compiled() -> bool:
     """Whether the hot path runs compiled (mypyc) or interpreted."""
-    import sidecar.proxy.http as http
-    return not http.__file__.endswith(".py")
+    import sidecar.proxy.http.agent as agent
+    return not agent.__file__.endswith(".py")

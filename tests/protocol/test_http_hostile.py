@@ -428,3 +428,17 @@ def test_an_absolute_form_request_goes_on_with_its_targets_host_not_the_agents()
     connect = rig.loop.connects[0]
     up = connect.accept()
     assert up.take() == b"GET /m HTTP/1.1\r\nHost: hub.lan:9000\r\n\r\n"
+
+
+def test_an_agent_that_leaves_before_its_answer_is_cancelled_not_failed():
+    rig = Rig()
+    proxy, agent = rig.agent()
+    proxy.data_received(GET)
+    connect = rig.loop.connects[0]
+    up = connect.accept()
+    assert up.take().startswith(b"GET /status HTTP/1.1\r\n")
+    proxy.connection_lost(None)
+    assert up.closed  # mid-exchange: the upstream connection cannot be reused
+    assert rig.stats.outcomes["cancelled"] == 1 and rig.stats.outcomes["failed"] == 0
+    assert failures(rig) == {} and breaker_failures(rig) == 0
+    assert rig.stats.active == 0

@@ -71,9 +71,9 @@ def test_a_current_build_is_not_stale(tree):
 def test_an_edited_source_makes_the_build_stale(tree):
     for name in HOT_PATH:
         tree(name, 2000)
-    edited = hot_path.source("sidecar.proxy.http")
+    edited = hot_path.source("sidecar.proxy.http.agent")
     os.utime(edited, (3000, 3000))
-    assert hot_path.stale() == ["sidecar/proxy/http.py: changed since it was compiled"]
+    assert hot_path.stale() == ["sidecar/proxy/http/agent.py: changed since it was compiled"]
 
 
 def test_a_partial_build_is_stale_and_names_what_is_missing(tree):
