@@ -122,3 +122,27 @@ def test_any_requests_in_any_reads_reach_the_upstream_as_the_same_requests(sent,
     answers = agent.take()
     assert answers.count(b"HTTP/1.1 200 OK\r\n") == len(sent)
     assert not agent.closed
+
+
+@settings(max_examples=200, deadline=None)
+@given(sent=requests())
+def test_a_request_sent_again_byte_for_byte_goes_upstream_as_it_did_the_first_time(sent):
+    # An agent polling an endpoint sends the same bytes each time: after the first, the
+    # proxy knows them whole (UpstreamState.whole_heads) and must forward exactly what it
+    # forwarded then, on this connection and on another agent connection alike.
+    wire, method, *_ = sent
+    rig = Rig()
+    answer = OK if method != b"HEAD" else OK.split(b"hello")[0]
+    forwarded = []
+    for agent_connection in range(2):
+        proxy, agent = rig.agent()
+        for _ in range(3):
+            proxy.data_received(wire)
+            connect = rig.loop.connects[-1]
+            up = connect.transport or connect.accept()
+            forwarded.append(up.take())
+            connect.respond(answer)
+            assert agent.take().startswith(b"HTTP/1.1 200 OK\r\n") and not agent.closed
+        proxy.connection_lost(None)
+    assert forwarded == [forwarded[0]] * 6
+    assert rig.stats.outcomes["ok"] == 6

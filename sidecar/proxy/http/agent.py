@@ -63,6 +63,10 @@ _BACKLOG: Final = 2  # too many requests or bytes waiting for their turn or for 
 # the deadline as loop.time() reads it. Within this slack the deadline counts as reached.
 _TIMER_SLACK_S: Final = 0.002
 
+# The longest read looked up whole among the requests seen before (UpstreamState.whole_heads):
+# an agent's GET is a few hundred bytes; a longer read is rarely repeated byte for byte.
+_WHOLE_HEAD_MAX: Final = 1024
+
 
 class _FieldByFieldFrom(Exception):
     """A chunked request's head begins at this offset of the read: see
@@ -358,6 +362,21 @@ class HttpProxy(asyncio.Protocol):
         self._head_since = 0.0
         buf = self._head_buf
         at = self._head_at
+        state = self._fixed_state
+        assert state is not None  # lean: a per-upstream listener
+        # A read that is exactly a request seen before (see UpstreamState.whole_heads):
+        # llhttp accepted it, so it ends where the read ends. (endswith() first: compiled
+        # it is native, and a read with a body rarely ends in a blank line, so a POST is
+        # not hashed for nothing.)
+        if at == 0 and buf.endswith(b"\r\n\r\n") and len(buf) <= _WHOLE_HEAD_MAX:
+            whole = state.whole_heads.get(buf)
+            if whole is not None:
+                method, target, forwarded = whole
+                self._head_at = len(buf)
+                self._head_raw = 0
+                self._head_done(Exchange(method, None, forwarded, False, True, False, target,
+                                         self._fixed, state), 0)
+                return
         # llhttp skips empty lines before a request line (RFC 9112 2.2): so do we. (By
         # index: compiled, a byte read is native; startswith() would be a call each.)
         n_buf = len(buf)
@@ -378,8 +397,6 @@ class HttpProxy(asyncio.Protocol):
         self._head_at = end  # where the body, if any, begins
         if end - at > self._max_header_bytes:
             raise HeadTooLarge
-        state = self._fixed_state
-        assert state is not None  # lean: a per-upstream listener
         fields = buf[line_end + 2:end - 2]
         # An agent sends the same fields with every GET: those, as they are, first (no
         # pass over them); then their shape.
@@ -416,15 +433,20 @@ class HttpProxy(asyncio.Protocol):
         else:
             keep_alive = parser.should_keep_alive()
         n = len(kept)  # one span (Host first, hop-by-hop last, as http.client sends) or two
-        req = Exchange(
-            method, None,
+        forwarded = (
             fields[kept[0]:kept[1]] if n == 2
             else fields[kept[0]:kept[1]] + fields[kept[2]:kept[3]] if n == 4
-            else b"".join([fields[kept[i]:kept[i + 1]] for i in range(0, n, 2)]),
-            False, keep_alive, not http11,
-            buf[at + len(method) + 1:line_end - 9], self._fixed, state)
+            else b"".join([fields[kept[i]:kept[i + 1]] for i in range(0, n, 2)]))
+        target = buf[at + len(method) + 1:line_end - 9]
+        if (at == 0 and end == n_buf and not framing and keep_alive and http11
+                and n_buf <= _WHOLE_HEAD_MAX):
+            wholes = state.whole_heads
+            if len(wholes) >= FRAMINGS_MAX:
+                wholes.clear()
+            wholes[buf] = (method, target, forwarded)
         self._head_raw = 0
-        self._head_done(req, framing)
+        self._head_done(Exchange(method, None, forwarded, False, keep_alive, not http11, target,
+                                 self._fixed, state), framing)
 
     def _fields_done(self) -> None:
         """A head read field by field (`_FieldByField`) is complete."""

@@ -37,6 +37,7 @@ class UpstreamState:
     __slots__ = ("policy", "stats", "failure_statuses", "request_timeout_s", "pools", "host_lines", "last_good", "rejection",
                  "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed",
                  "framings", "last_head", "last_known", "request_shapes", "request_heads",
+                 "whole_heads",
                  "pool_size", "held")
 
     def __init__(self, upstream: Upstream):
@@ -64,6 +65,11 @@ class UpstreamState:
         # themselves, for requests without a body (see `HttpProxy.on_headers_complete`).
         self.request_shapes: dict[bytes, RequestShape] = {}
         self.request_heads: dict[bytes, RequestShape] = {}
+        # And whole requests without a body, as a read brings them (request line and
+        # fields, byte for byte): an agent polling an endpoint sends the same bytes
+        # every time, and then there is nothing to search. -> (method, target, the
+        # fields to forward). Only keep-alive HTTP/1.1 requests that need nothing else.
+        self.whole_heads: dict[bytes, tuple[bytes, bytes, bytes]] = {}
         self.host_lines = {ep: b"Host: %s\r\n" % ep.label.encode() for ep in upstream.endpoints}
         fallback = policy.fallback
         self.last_good: OrderedDict[bytes, bytes] | None = (
