@@ -183,3 +183,30 @@ def test_a_repeated_answer_head_is_treated_alike_and_a_different_one_on_its_own(
             assert up.closed
         assert not agent.closed
     assert rig.stats.outcomes["ok"] == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(answer=answers(), data=st.data())
+def test_an_answer_sent_again_byte_for_byte_reaches_the_agent_as_it_did_the_first_time(
+        answer, data):
+    # Under load an upstream repeats its last answer head byte for byte; the proxy then
+    # knows where it ends without a search (UpstreamConnection.on_headers_complete), and
+    # must still frame each answer, and whatever follows it in the read, exactly alike.
+    wire, status, end_to_end, body, framing, upstream_closes = answer
+    if framing == "close" or upstream_closes:
+        return  # the connection ends with the answer: nothing repeats on it
+    rig = Rig()
+    proxy, agent = rig.agent()
+    relayed = []
+    for _ in range(3):
+        cut = data.draw(st.integers(1, len(wire)))
+        proxy.data_received(GET)
+        connect = rig.loop.connects[-1]
+        up = connect.transport or connect.accept()
+        assert up.take().startswith(b"GET /status HTTP/1.1\r\n")
+        connect.respond(wire[:cut])
+        if cut < len(wire):
+            connect.respond(wire[cut:])
+        relayed.append(agent.take())
+    assert relayed == [relayed[0]] * 3
+    assert len(rig.loop.connects) == 1 and not agent.closed
