@@ -219,11 +219,13 @@ async def _drive(port: int, per_connection: int) -> None:
     await asyncio.gather(*(client() for _ in range(LIVE_CONNECTIONS)))
 
 
-def live_instructions(folder: Path) -> int:
+def live_instructions(folder: Path, floor: bool = False) -> int:
     """Instructions per request of a real sidecar process (uvloop, its sockets, its timers,
     everything but the kernel) serving python-requests' GETs to nginx: the process runs
     under callgrind, the counters are zeroed after a warm-up and dumped after
-    LIVE_REQUESTS requests sent by clients outside valgrind."""
+    LIVE_REQUESTS requests sent by clients outside valgrind. With floor, the same for
+    bench/floor_http.py (uvloop + httptools, no policy): the difference is the sidecar's
+    own work, the figure hot_path.py's "own work" row measures in microseconds."""
     import asyncio
     import time
 
@@ -239,10 +241,13 @@ def live_instructions(folder: Path) -> int:
                                 "listen": f"127.0.0.1:{listen}"}},
         "sidecar": {"metrics_listen": f"127.0.0.1:{metrics}"}}))
     out = folder / "callgrind.out"
+    # The same two syscalls each way per request for both (strace -c says so): what
+    # differs is user space, which is what callgrind counts.
+    program = ([str(ROOT / "bench" / "floor_http.py"), str(listen), str(upstream)] if floor
+               else ["-m", "sidecar.main", "--config", str(config), "--log-level", "warning"])
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-         "-m", "sidecar.main", "--config", str(config), "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         *program], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300  # imports under valgrind take a while
         while get(listen) is None:
@@ -289,6 +294,11 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "bench"))
         with tempfile.TemporaryDirectory() as folder:
             rows["live"] = {"instructions_per_request": live_instructions(Path(folder))}
+        print("floor: bench/floor_http.py the same way ...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            rows["floor"] = {"instructions_per_request": live_instructions(Path(folder), True)}
+        rows["own work"] = {"instructions_per_request": rows["live"]["instructions_per_request"]
+                            - rows["floor"]["instructions_per_request"]}
     else:
         print("live: skipped (needs nginx: apt-get install nginx-light)", file=sys.stderr)
     print(f"\nhot path {'compiled' if sidecar.compiled() else 'interpreted'}")

@@ -135,7 +135,7 @@ class HttpProxy(asyncio.Protocol):
         # the request being parsed
         "_url", "_host", "_fields", "_chunked", "_framed", "_connection", "_head_bytes",
         "_head_raw", "_in_head", "_heads", "_parsing", "_lean", "_head_buf", "_head_at",
-        "_head_part", "_head_open", "_head_since",
+        "_head_part", "_head_open", "_head_since", "_last_read", "_last_whole",
         # exchanges, one at a time, in order
         "current", "queue", "_queued_bytes", "conn", "wire", "wire_bytes",
         "reply", "_advancing",
@@ -203,6 +203,11 @@ class HttpProxy(asyncio.Protocol):
         # from its bytes: `_head_part` holds its start) since `_head_since` (0: none).
         self._head_open = False
         self._head_since = 0.0
+        # This connection's last whole-head read and what it said (see whole_heads): an
+        # agent polls the same request, and comparing two reads costs a fraction of
+        # hashing one for the dict.
+        self._last_read = b""
+        self._last_whole: tuple[bytes, bytes, bytes] | None = None
 
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()
@@ -369,7 +374,13 @@ class HttpProxy(asyncio.Protocol):
         # it is native, and a read with a body rarely ends in a blank line, so a POST is
         # not hashed for nothing.)
         if at == 0 and buf.endswith(b"\r\n\r\n") and len(buf) <= _WHOLE_HEAD_MAX:
-            whole = state.whole_heads.get(buf)
+            if buf == self._last_read:
+                whole = self._last_whole
+            else:
+                whole = state.whole_heads.get(buf)
+                if whole is not None:
+                    self._last_read = buf
+                    self._last_whole = whole
             if whole is not None:
                 method, target, forwarded = whole
                 self._head_at = len(buf)
@@ -443,7 +454,10 @@ class HttpProxy(asyncio.Protocol):
             wholes = state.whole_heads
             if len(wholes) >= FRAMINGS_MAX:
                 wholes.clear()
-            wholes[buf] = (method, target, forwarded)
+            whole = (method, target, forwarded)
+            wholes[buf] = whole
+            self._last_read = buf
+            self._last_whole = whole
         self._head_raw = 0
         self._head_done(Exchange(method, None, forwarded, False, keep_alive, not http11, target,
                                  self._fixed, state), framing)
