@@ -22,7 +22,7 @@ from sidecar.upstream import Upstream
 
 ACTIONS = ("open", "close", "reset")
 # Fields a request may carry; each, when present, is a string.
-REQUEST_FIELDS = ("cmd", "name", "action")
+REQUEST_FIELDS = ("cmd", "name", "action", "group")
 REQUEST_TIMEOUT_S = 10.0  # a client that connects and says nothing is not kept waiting
 # The supervisor reads a reply as one line with asyncio's default 64 KiB limit; rows are
 # cut to stay under it with room for the envelope. Each row is a few hundred bytes, so

@@ -6,19 +6,27 @@ child process and the probe loop, and turns what happens into events for those t
 
 One task per agent (`_life`) loops spawn -> supervise -> decide; operator commands only
 set intent (`start`, `stop`, `kill`) and wake it.
+
+Before each spawn the agent's own ports (`port`, `health_check_port`) must be free: one
+taken by another process fails this agent alone, at once and for good (FATAL, "not
+started", naming the holder), instead of a crash loop, and the rest of the host starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import random
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping
 
 from supervisor import health, process
+from supervisor.config.load import listening_ports
 from supervisor.config.model import AgentSpec, ProbeKind
 from supervisor.policy.backoff import Action, RestartTracker
 from supervisor.policy.lifecycle import LIVE, Event, State, next_state
@@ -38,6 +46,11 @@ SpawnHook = Callable[["Agent", int], None]
 # that one its parent leaves behind (setsid, then the parent exits) is still known at
 # stop. One walk of /proc per agent per period: a few milliseconds.
 LINEAGE_SAMPLE_S = 5.0
+# A restart comes right after the previous run's processes were SIGKILLed; the kernel
+# closes their sockets as they exit, a few milliseconds later. Its own ports still bound
+# that long after are held by someone else.
+PORT_RELEASE_GRACE_S = 2.0
+PORT_RELEASE_POLL_S = 0.02
 
 
 @dataclass
@@ -74,6 +87,9 @@ class Agent:
         self.healthy: bool | None = None
         self.last_exit: str | None = None
         self.stopped_by_operator = False
+        # The port the last passing probe reached when it was not the probe's own (the
+        # main port of an agent with nothing on its health port).
+        self.probe_via: int | None = None
 
         # Synchronisation: `ready` is set exactly while RUNNING; `changed` pulses on every
         # transition so callers can wait for a condition with a deadline.
@@ -82,6 +98,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._want_running = False
         self._run: _Run | None = None
+        self._ended_at: float | None = None  # monotonic, when the last run's process exited
         self._life: asyncio.Task | None = None
 
     # --- what operators see -----------------------------------------------------------
@@ -111,6 +128,7 @@ class Agent:
             "pid": self.pid,
             "restarts": self.restarts,
             "healthy": self.healthy,
+            "probe": health.describe(self.spec.health, self.probe_via),
             "uptime_s": round(up, 1) if up is not None else None,
             "last_exit": self.last_exit,
             "reason": self.reason,
@@ -212,6 +230,7 @@ class Agent:
         """Spawn, supervise until exit, and decide what comes next."""
         started = time.monotonic()
         try:
+            await self._check_ports()
             env = self._build_env(self.spec)
             cgroup = process.agent_cgroup(self.name)
             proc = await process.spawn(
@@ -219,7 +238,9 @@ class Agent:
                 pass_fds=self.spec.pass_fds, user=self.spec.user, cgroup=cgroup,
             )
         except process.SpawnError as exc:
-            log.error("%s: %s", self.name, exc)
+            log.error("%s: %s%s", self.name, exc,
+                      f"; not started: `agentvisor start {self.name}` once that is fixed"
+                      if exc.permanent else "")
             if exc.permanent:
                 self.last_exit = "not started"
                 self._transition(Event.EXIT_FATAL, str(exc))
@@ -227,6 +248,7 @@ class Agent:
             return self._decide(started, failed=True, description=str(exc))
         self._run = _Run(proc, started, process.Lineage(proc.pid, cgroup))
         self.reason = ""
+        self.probe_via = None
         if self._on_spawn is not None:
             self._on_spawn(self, proc.pid)
         if not self._want_running:  # stopped while we were spawning
@@ -245,6 +267,7 @@ class Agent:
         # Forked children of a dead leader would hold its ports and files: end them too,
         # in its group or out of it.
         self._run.lineage.signal(signal.SIGKILL)
+        self._ended_at = time.monotonic()
         self.healthy = None
         self.ready.clear()
         self.last_exit = process.describe_exit(rc)
@@ -261,6 +284,23 @@ class Agent:
         failed = run.kill_reason is not None or rc != 0
         log.log(logging.WARNING if failed else logging.INFO, "%s: %s", self.name, description)
         return self._decide(started, failed=failed, description=description)
+
+    async def _check_ports(self) -> None:
+        """Permanent SpawnError when the agent's own ports are taken: it would only fail
+        to bind them, again and again."""
+        taken = ports_taken(self.spec)
+        if taken and self._ended_at is not None:
+            # Not before the previous run's processes have had time to go: they are the
+            # likeliest holders, and they were killed a moment ago.
+            deadline = self._ended_at + PORT_RELEASE_GRACE_S
+            while taken and time.monotonic() < deadline:
+                await asyncio.sleep(PORT_RELEASE_POLL_S)
+                taken = ports_taken(self.spec)
+        if taken:
+            # Who holds them: one walk of every process's sockets, off the loop.
+            holders = await asyncio.to_thread(listening_ports)
+            raise process.SpawnError("; ".join(_taken(port, holders.get(port))
+                                               for port in taken), permanent=True)
 
     def _decide(self, started: float, *, failed: bool, description: str) -> tuple[Event, float]:
         now = time.monotonic()
@@ -296,19 +336,19 @@ class Agent:
             self._became_ready()
             return
         deadline = run.started + check.start_timeout_s
-        result = await health.probe(check)
+        result = await self._probe()
         while not result.ok:
             if time.monotonic() >= deadline:
                 self.kill(f"not ready after {check.start_timeout_s:g} s: {result.detail}")
                 return
             self.reason = f"not ready yet: {result.detail}"
             await asyncio.sleep(check.startup_interval_s)
-            result = await health.probe(check)
+            result = await self._probe()
         self._became_ready()
         misses = 0
         while True:
             await asyncio.sleep(check.interval_s)
-            result = await health.probe(check)
+            result = await self._probe()
             if result.ok:
                 if misses:
                     log.info("%s: healthy again", self.name)
@@ -321,6 +361,21 @@ class Agent:
             if misses >= check.retries:
                 self.kill(f"health probe failed {misses} times: {result.detail}")
                 return
+
+    async def _probe(self) -> health.ProbeResult:
+        """One probe; notes (and says, when it changes) which port the agent is judged by."""
+        check = self.spec.health
+        result = await health.probe(check)
+        if result.ok and result.via != self.probe_via:
+            if result.via is not None:
+                log.info("%s: nothing listens on health port %s; judged by a connect to "
+                         "its main port %d, as the old launcher did", self.name, check.port,
+                         result.via)
+            else:
+                log.info("%s: health port %s answers; judged by it again", self.name,
+                         check.port)
+            self.probe_via = result.via
+        return result
 
     async def _watch_lineage(self, lineage: process.Lineage) -> None:
         while True:
@@ -372,3 +427,37 @@ class Agent:
         # Wake every waiter once; each re-checks its own condition.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+
+def ports_taken(spec: AgentSpec) -> list[int]:
+    """The agent's own ports (`port`, `health_check_port`) that cannot be bound on its
+    host because something listens there: a bind test with SO_REUSEADDR (so connections
+    in TIME_WAIT do not count), closed at once. Other bind errors (an address that is not
+    this machine's, a port below 1024 without root) are the agent's to meet and report,
+    and so is a host given by name: resolving it could stall the loop."""
+    address = {"": "0.0.0.0", "localhost": "127.0.0.1"}.get(spec.host, spec.host)
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    except ValueError:
+        return []
+    taken = []
+    for port in dict.fromkeys(p for p in (spec.port, spec.health_check_port)
+                              if isinstance(p, int)):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((address, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    taken.append(port)
+    return taken
+
+
+def _taken(port: int, holder: str | None) -> str:
+    # listening_ports() says "pid N, NAME" or, for a socket whose owner we may not see,
+    # "held by a process we may not see".
+    if holder is None:
+        return f"port {port} is taken"
+    if holder.startswith("pid "):
+        return f"port {port} is taken by {holder}"
+    return f"port {port} is taken, {holder}"

@@ -33,6 +33,7 @@ examples:
   agentvisor run --config /etc/agentvisor/mainpc.yaml
   agentvisor status --json
   agentvisor restart ServiceRegistry
+  agentvisor start --group core_services
   agentvisor logs ServiceRegistry -f
   agentvisor breakers
   agentvisor breaker open ObservabilityHub
@@ -43,7 +44,16 @@ def _runtime_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime-dir", type=Path, default=None,
         help="where the supervisor's control socket is (default: $AGENTVISOR_RUNTIME_DIR, "
-             "else /run/agentvisor as root, else $XDG_RUNTIME_DIR/agentvisor)",
+             "else, for run, the config's runtime_dir, else /run/agentvisor as root, else "
+             "$XDG_RUNTIME_DIR/agentvisor); one supervisor per runtime dir",
+    )
+
+
+def _overlay_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overlay", action="append", type=Path, default=[], metavar="FILE",
+        help="a file of native settings laid over the config (repeatable, applied in "
+             "order), so the legacy file stays unchanged; see supervisor/config/overlay.py",
     )
 
 
@@ -59,29 +69,39 @@ def build_parser() -> argparse.ArgumentParser:
                        "against listening sockets), dependencies and placeholders; print "
                        "every problem at once with its file, line and agent.")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    _overlay_arg(p)
     p.add_argument("--warn", action="store_true",
-                   help="report problems but exit 0 (for a first look at a legacy config)")
+                   help="report errors but exit 0 (for a first look at a legacy config)")
+    p.add_argument("--strict", action="store_true",
+                   help="unknown keys are errors, not warnings (as `strict: true` in the file)")
     p.add_argument("--offline", action="store_true",
                    help="skip checks against this machine (listening ports), e.g. when "
                         "validating another host's config")
-    p.add_argument("--json", action="store_true", help="print problems as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print problems as JSON, each with its severity (error or warning)")
 
     p = sub.add_parser("run", help="run the supervisor in the foreground (systemd's ExecStart)",
                        description="Run every agent of the host config until SIGTERM/SIGINT, "
                        "then stop them in reverse dependency order and exit 0.")
     p.add_argument("--config", "-c", type=Path, required=True, metavar="FILE")
+    _overlay_arg(p)
     _runtime_dir_arg(p)
     p.add_argument("--logs-dir", type=Path, default=None,
                    help="where agents' stdout/stderr files go (overrides logs.dir)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse unknown keys instead of warning about them (as `strict: "
+                        "true` in the file); kept for reloads")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
 
     p = sub.add_parser(
         "cleanup", help="undo what a supervisor that died left behind (ExecStopPost=)",
         description="Kill the agents a supervisor that died without stopping (SIGKILL, OOM) "
-        "left running, as recorded in the runtime dir, and remove its nftables redirects. "
+        "left running, as recorded in the runtime dir, and remove their secret files and "
+        "its nftables redirects (the runtime dir's own table, never another's). "
         "Every start does this too; systemd runs it after every exit of the unit. Refuses "
-        "while a supervisor answers on the control socket. Exit 0: nothing is left; "
+        "while a supervisor runs on the runtime dir (holds its lock, or answers on its "
+        "control socket). Exit 0: nothing is left; "
         "1: a supervisor is running, or something could not be removed.")
     _runtime_dir_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -92,11 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh every SECONDS until Ctrl-C")
     _runtime_dir_arg(p)
 
-    for name, text in (("start", "start an agent (clears FATAL) and wait until it runs"),
-                       ("stop", "stop an agent and everything it forked"),
-                       ("restart", "stop, then start an agent and wait until it runs")):
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("name", metavar="AGENT")
+    for name, text in (("start", "start an agent or a group (clears FATAL) and wait until "
+                                 "they run"),
+                       ("stop", "stop an agent or a group, and everything they forked"),
+                       ("restart", "stop, then start an agent or a group and wait until "
+                                   "they run")):
+        p = sub.add_parser(name, help=text, description=text + ". A group (MainPC's "
+                           "agent_groups) starts in dependency order and stops dependants "
+                           "first. Exit 0 only when every agent named reached the state "
+                           "asked for.")
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("name", metavar="AGENT", nargs="?")
+        which.add_argument("--group", "-g", metavar="GROUP",
+                           help="every agent of GROUP, like the old launcher's --group")
         p.add_argument("--json", action="store_true")
         _runtime_dir_arg(p)
 
@@ -178,46 +206,52 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_validate(args) -> int:
-    from supervisor.config import ConfigUnreadable, validate_file
+    """Every error and warning of each file, in file order. Warnings (unknown legacy keys,
+    a credential taken from the environment, a port already listening) are printed and
+    never change the exit status: only errors do (unless --warn)."""
+    from supervisor.config import ConfigUnreadable, errors, validate_file
 
     worst = EXIT_OK
     report = []
     exclude = _pids_of_running_supervisor()
+    if args.overlay and len(args.files) > 1:
+        print("agentvisor validate: --overlay is laid over one FILE; give one", file=sys.stderr)
+        return EXIT_USAGE
     for path in args.files:
         try:
-            _, problems = validate_file(path, check_machine=not args.offline,
-                                        exclude_pids=exclude)
+            config, problems = validate_file(path, overlays=args.overlay,
+                                             check_machine=not args.offline,
+                                             exclude_pids=exclude, strict=args.strict)
         except ConfigUnreadable as exc:
             print(exc, file=sys.stderr)
             worst = max(worst, EXIT_USAGE)
             continue
-        warnings = _warnings(path)
-        report.append({"file": str(path), "problems": [p.__dict__ for p in problems],
-                       "warnings": [w.__dict__ for w in warnings]})
+        n_errors = len(errors(problems))
+        n_warnings = len(problems) - n_errors
+        root = {"project_root": str(config.project_root),
+                "project_root_reason": config.project_root_reason} if config else {}
+        report.append({"file": str(path), "overlays": [str(o) for o in args.overlay],
+                       **root, "problems": [p.__dict__ for p in problems],
+                       "errors": n_errors, "warnings": n_warnings})
         if not args.json:
-            for p in problems:
+            for p in problems:  # a warning's line starts with "warning: "
                 print(p)
-            for w in warnings:  # the file works as it is: said, never failed
-                print(f"warning: {w}")
-            n = len(problems)
-            print(f"{path}: {'valid' if not n else f'{n} problem' + ('s' if n > 1 else '')}",
-                  file=sys.stderr)
-        if problems and not args.warn:
+            if root:  # the root every script_path was looked for under, and why
+                print(f"project root: {root['project_root']} ({root['project_root_reason']})",
+                      file=sys.stderr)
+            counts = [_count(n_errors, "error")] if n_errors else ["valid"]
+            if n_warnings:
+                counts.append(_count(n_warnings, "warning"))
+            print(f"{path}: {', '.join(counts)}", file=sys.stderr)
+        if n_errors and not args.warn:
             worst = max(worst, EXIT_BAD)
     if args.json:
         print(json.dumps(report, indent=2))
     return worst
 
 
-def _warnings(path: Path) -> list:
-    """What `validate` says about a file without failing it (keys that do nothing
-    where they are); [] when the file cannot be read, which is reported as a problem."""
-    from supervisor.config import validate, yamlsrc
-
-    try:
-        return validate.upstream_warnings(yamlsrc.parse(yamlsrc.read(path), str(path)))
-    except Exception:  # unreadable or not YAML: validate_file has said so already
-        return []
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def _pids_of_running_supervisor() -> frozenset[int]:
@@ -239,19 +273,21 @@ def _pids_of_running_supervisor() -> frozenset[int]:
 
 
 def cmd_cleanup(args) -> int:
-    from supervisor.control.client import Unreachable, request
+    from supervisor import runtime_lock
     from supervisor.daemon import clean_leftovers
 
     runtime_dir = _runtime_dir(args.runtime_dir)
     try:
-        running = request(runtime_dir, {"cmd": "status"}, timeout_s=2.0)
-    except (Unreachable, OSError):
-        running = None
-    if running is not None:
-        print(f"agentvisor: a supervisor is running (pid {running.get('pid')}) and owns "
-              "what it started; nothing done", file=sys.stderr)
+        lock = runtime_lock.acquire(runtime_dir)
+    except runtime_lock.AlreadyRunning as exc:
+        print(f"agentvisor: {exc} and owns what it started; nothing done", file=sys.stderr)
         return EXIT_BAD
-    done, problems = clean_leftovers(runtime_dir)
+    except OSError as exc:
+        print(f"agentvisor: cannot lock runtime directory {runtime_dir}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with lock:
+        done, problems = clean_leftovers(lock)
     if args.json:
         print(json.dumps({"done": done, "problems": problems}, indent=2))
     else:
@@ -262,14 +298,61 @@ def cmd_cleanup(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from supervisor.config import ConfigError, ConfigUnreadable, load
+    from supervisor import runtime_lock
     from supervisor.control.server import ControlError
+    from supervisor.paths import runtime_dir_override
 
     _setup_logging(args.log_level)
-    overrides = {k: v for k, v in (("runtime_dir", args.runtime_dir),
-                                   ("logs_dir", args.logs_dir)) if v is not None}
+    # --runtime-dir, then $AGENTVISOR_RUNTIME_DIR, beat the file's runtime_dir, as for
+    # every client command; kept across reloads.
+    overrides = {k: v for k, v in (("runtime_dir", runtime_dir_override(args.runtime_dir)),
+                                   ("logs_dir", args.logs_dir),
+                                   ("strict", args.strict or None)) if v is not None}
+    runtime_dir = overrides.get("runtime_dir")
+    if runtime_dir is None:
+        # Only the file knows. Read without looking at this machine: the ports in use
+        # may be those of the very supervisor the lock is about to find running.
+        config = _load_for_run(args, overrides, check_machine=False)
+        if isinstance(config, int):
+            return config
+        runtime_dir = config.runtime_dir
+    # Before anything is touched (leftovers, the control socket, nftables): one
+    # supervisor per runtime directory, and a second one leaves the first's alone.
     try:
-        config = load(args.config, **overrides)
+        lock = runtime_lock.acquire(runtime_dir)
+    except runtime_lock.AlreadyRunning as exc:
+        print(f"agentvisor: {exc}; not starting", file=sys.stderr)
+        return EXIT_BAD
+    except OSError as exc:
+        print(f"agentvisor: cannot lock runtime directory {runtime_dir}: "
+              f"{exc.strerror or exc}; not starting", file=sys.stderr)
+        return EXIT_USAGE
+    with lock:  # held until the supervisor has stopped everything
+        config = _load_for_run(args, {**overrides, "runtime_dir": lock.runtime_dir})
+        if isinstance(config, int):
+            return config
+        # Said once per start (and by each reload): the file runs as it is.
+        for warning in config.warnings:
+            logging.getLogger("agentvisor").warning("%s", warning)
+
+        import uvloop
+
+        from supervisor.daemon import Supervisor
+
+        try:
+            return uvloop.run(_run_supervisor(Supervisor, config, overrides, lock))
+        except ControlError as exc:
+            print(f"agentvisor: {exc}", file=sys.stderr)
+            return EXIT_BAD
+
+
+def _load_for_run(args, overrides: dict, check_machine: bool = True):
+    """The host config `run` starts, or its exit status once the problems are printed."""
+    from supervisor.config import ConfigError, ConfigUnreadable, load
+
+    try:
+        return load(args.config, overlays=args.overlay, check_machine=check_machine,
+                    **overrides)
     except ConfigUnreadable as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
@@ -279,19 +362,9 @@ def cmd_run(args) -> int:
         print(f"{args.config}: {len(exc.problems)} problem(s); not starting", file=sys.stderr)
         return EXIT_BAD
 
-    import uvloop
 
-    from supervisor.daemon import Supervisor
-
-    try:
-        return uvloop.run(_run_supervisor(Supervisor, config, overrides))
-    except ControlError as exc:
-        print(f"agentvisor: {exc}", file=sys.stderr)
-        return EXIT_BAD
-
-
-async def _run_supervisor(cls, config, overrides) -> int:
-    return await cls(config, overrides=overrides).run()
+async def _run_supervisor(cls, config, overrides, lock) -> int:
+    return await cls(config, lock=lock, overrides=overrides).run()
 
 
 def _setup_logging(level: str) -> None:
@@ -306,14 +379,9 @@ def _setup_logging(level: str) -> None:
 
 
 def _runtime_dir(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    env = os.environ.get("AGENTVISOR_RUNTIME_DIR")
-    if env:
-        return Path(env)
-    from supervisor.paths import default_runtime_dir
+    from supervisor.paths import runtime_dir
 
-    return default_runtime_dir()
+    return runtime_dir(arg)
 
 
 def _ask(args, payload: dict) -> dict | int:
@@ -366,18 +434,28 @@ def cmd_restart(args) -> int:
 
 
 def _agent_command(args, verb: str) -> int:
-    reply = _ask(args, {"cmd": verb, "name": args.name})
+    """start/stop/restart of one AGENT or of a --group: a line per agent, exit 0 only
+    when every one of them reached the state asked for."""
+    target = {"group": args.group} if args.group is not None else {"name": args.name}
+    reply = _ask(args, {"cmd": verb, **target})
     if isinstance(reply, int):
         return reply
-    row = reply["agent"]
-    if args.json:
-        print(json.dumps(row, indent=2))
-    else:
-        detail = f" (pid {row['pid']})" if row["pid"] else ""
-        why = f": {row['reason']}" if row["reason"] else ""
-        print(f"{row['name']}: {row['state']}{detail}{why}")
+    rows = reply["agents"] if args.group is not None else [reply["agent"]]
     wanted = "STOPPED" if verb == "stop" else "RUNNING"
-    return EXIT_OK if row["state"] == wanted else EXIT_BAD
+    there = sum(row["state"] == wanted for row in rows)
+    if args.json:
+        print(json.dumps({"group": reply["group"], "agents": rows} if args.group is not None
+                         else rows[0], indent=2))
+    else:
+        for row in rows:
+            detail = f" (pid {row['pid']})" if row["pid"] else ""
+            # "STOPPED: stopped" would say nothing twice.
+            why = (f": {row['reason']}" if row["reason"]
+                   and row["reason"] != row["state"].lower() else "")
+            print(f"{row['name']}: {row['state']}{detail}{why}")
+        if args.group is not None:
+            print(f"group {reply['group']}: {there} of {len(rows)} {wanted}")
+    return EXIT_OK if there == len(rows) else EXIT_BAD
 
 
 def cmd_logs(args) -> int:
@@ -552,16 +630,16 @@ def render_status(status: dict) -> str:
             f"(supervisor pid {status['pid']}, up {human_duration(status['uptime_s'])})")
     with_group = any(a.get("group") for a in agents)
     cols = (["GROUP"] if with_group else []) + [
-        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "CPU%", "RSS MB", "LAST EXIT",
-        "REASON"]
+        "NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH", "PROBE", "CPU%", "RSS MB",
+        "LAST EXIT", "REASON"]
     rows = []
     for a in agents:
         health = {True: "ok", False: "FAILING", None: "-"}[a["healthy"]]
         row = ([a.get("group") or "-"] if with_group else []) + [
             a["name"] + ("*" if a.get("required") else ""), a["state"],
             str(a["pid"] or "-"), human_duration(a["uptime_s"]), str(a["restarts"]), health,
-            _num(a.get("cpu_percent")), _num(a.get("rss_mb")), a["last_exit"] or "-",
-            a["reason"] or ""]
+            _short_probe(a.get("probe")), _num(a.get("cpu_percent")), _num(a.get("rss_mb")),
+            a["last_exit"] or "-", a["reason"] or ""]
         rows.append(row)
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
               for i, c in enumerate(cols)]
@@ -595,6 +673,13 @@ def render_breakers(rows: list[dict]) -> str:
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip()
                      for t in [cols] + table)
+
+
+def _short_probe(probe: str | None) -> str:
+    """The table's PROBE cell: `tcp :7210 (main port)`; --json has the whole sentence."""
+    if not probe:
+        return "-"
+    return probe.split(";", 1)[0] + ")" if "; " in probe and probe.endswith(")") else probe
 
 
 def _num(v) -> str:

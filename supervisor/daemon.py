@@ -23,10 +23,11 @@ from supervisor.agent import Agent
 from supervisor.config.model import AgentSpec, HostConfig
 from supervisor.control.server import ControlServer
 from supervisor.policy import order
-from supervisor.paths import GROUPS_FILE, SOCKET_FILE
-from supervisor.policy.lifecycle import LIVE, State
+from supervisor.paths import GROUPS_FILE, SECRETS_DIR, SOCKET_FILE
+from supervisor.policy.lifecycle import AT_REST, LIVE, State
 from supervisor import resources
 from supervisor.resources import ResourceSampler, check_limits
+from supervisor.runtime_lock import RuntimeLock
 from supervisor.systemd import Notifier
 from supervisor.traffic import ListenerError, Traffic, remove_stale_redirects
 
@@ -37,16 +38,26 @@ EXIT_NOT_STARTED = 1
 log = logging.getLogger("agentvisor")
 
 
-def clean_leftovers(runtime_dir: Path) -> tuple[list[str], list[str]]:
-    """Undo what a supervisor that died without stopping (SIGKILL, OOM) left behind: its
-    agents' process groups, recorded in runtime_dir, and its nftables redirects. Returns
+def clean_leftovers(lock: RuntimeLock) -> tuple[list[str], list[str]]:
+    """Undo what the supervisor of lock's runtime directory left behind when it died
+    without stopping (SIGKILL, OOM): its agents' process groups, recorded there, their
+    secret files, and its nftables redirects (its own table: traffic.table_for). Returns
     a line per thing done and a line per thing that could not be undone. Run at every
-    start, and by `agentvisor cleanup` (systemd's ExecStopPost=), never while a
-    supervisor of this host runs."""
+    start and by `agentvisor cleanup` (systemd's ExecStopPost=), both holding the
+    runtime directory's lock: whoever holds it is the only supervisor there, so
+    everything recorded there is a dead one's."""
+    runtime_dir = lock.runtime_dir
+    assert lock.held, "clean_leftovers without the runtime directory's lock"
     done = [f"killed {line}" for line in process.kill_leftovers(runtime_dir / GROUPS_FILE)]
     problems = []
+    folders = secrets.agent_folders(runtime_dir)
+    for folder in folders:
+        folder.remove()
+    if folders:
+        done.append(f"removed the secret files of {len(folders)} agent"
+                    f"{'s' if len(folders) > 1 else ''} ({runtime_dir / SECRETS_DIR})")
     try:
-        redirects = remove_stale_redirects()
+        redirects = remove_stale_redirects(runtime_dir)
     except nftables.NftError as exc:
         problems.append(f"could not remove the nftables redirects: {exc}")
     else:
@@ -56,9 +67,15 @@ def clean_leftovers(runtime_dir: Path) -> tuple[list[str], list[str]]:
 
 
 class Supervisor:
-    def __init__(self, config: HostConfig, *, overrides: dict | None = None,
-                 notifier: Notifier | None = None):
+    def __init__(self, config: HostConfig, *, lock: RuntimeLock,
+                 overrides: dict | None = None, notifier: Notifier | None = None):
         self.config = config
+        # Held for the supervisor's whole life (its caller releases it): the proof that
+        # everything in runtime_dir, and its nftables table, is this supervisor's.
+        if not lock.held or lock.runtime_dir != config.runtime_dir:
+            raise ValueError(f"the supervisor of {config.runtime_dir} needs that "
+                             f"directory's lock (given: {lock.runtime_dir})")
+        self.runtime_lock = lock
         self.previous: HostConfig | None = None  # what `rollback` returns to
         self._overrides = overrides or {}  # CLI --runtime-dir/--logs-dir, kept across reloads
         self.notifier = notifier or Notifier()
@@ -92,9 +109,11 @@ class Supervisor:
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT, stop everything; exit status."""
         cfg = self.config
-        cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-        done, problems = clean_leftovers(cfg.runtime_dir)
+        # Under the runtime directory's lock, so whatever is recorded there is a dead
+        # supervisor's; the same goes for the stale control socket that
+        # ControlServer.start() removes below.
+        done, problems = clean_leftovers(self.runtime_lock)
         for line in done:
             log.warning("left by a previous supervisor: %s", line)
         for line in problems:
@@ -175,21 +194,122 @@ class Supervisor:
         return environment.agent_environment(self.config, spec, self._base_env, self.traffic)
 
     async def _gate(self, agent: Agent) -> None:
-        """Hold an agent until every dependency is RUNNING (ready)."""
-        while agent.wants_running and not self._stopping:
-            waiting = [d for d in agent.spec.dependencies
-                       if d in self.agents and not self.agents[d].ready.is_set()]
-            if not waiting:
+        """Hold an agent until every dependency is RUNNING (ready). It starts by itself
+        when they are, even after an operator's `start` of a dependency that had failed.
+        During shutdown it holds the agent until its own stop comes: never a start then."""
+        while agent.wants_running:
+            if not self._stopping and not self._explain_wait(agent):
                 return
-            agent.reason = "waiting for " + ", ".join(waiting)
             changed = self._changed
             await changed.wait()
 
-    async def _stop_agents(self, names: list[str]) -> None:
+    def _explain_wait(self, agent: Agent) -> list[str]:
+        """The dependencies `agent` waits for, and its reason saying so: "waiting for A"
+        while A may still come up by itself, "blocked: dependency A is FATAL (why)" when
+        A (or what A waits for) needs an operator first."""
+        waiting = self._waiting_for(agent)
+        if waiting:
+            blocked = self._blocked(agent)
+            agent.reason = blocked or "waiting for " + ", ".join(waiting)
+        return waiting
+
+    def _waiting_for(self, agent: Agent) -> list[str]:
+        return [d for d in agent.spec.dependencies
+                if d in self.agents and not self.agents[d].ready.is_set()]
+
+    def _blocked(self, agent: Agent) -> str | None:
+        """Why `agent`, held at its gate, cannot start until an operator acts; None when
+        each dependency it waits for may still become ready by itself."""
+        found = self._stuck_dependency(agent, frozenset())
+        if found is None:
+            return None
+        name, stuck = found
+        why = f" ({stuck.reason})" if stuck.reason and stuck.state is not State.STOPPED else ""
+        if stuck.name == name:
+            return f"blocked: dependency {name} is {stuck.state.value}{why}"
+        return (f"blocked: dependency {name} waits for {stuck.name}, which is "
+                f"{stuck.state.value}{why}")
+
+    def _stuck_dependency(self, agent: Agent, seen: frozenset[str]) -> tuple[str, Agent] | None:
+        """(the dependency `agent` waits for, the agent at the end of that chain that
+        needs an operator: FATAL, EXITED, or stopped), or None."""
+        for name in self._waiting_for(agent):
+            dep = self.agents[name]
+            if dep.state is State.FATAL or (dep.state in AT_REST and not dep.wants_running):
+                return name, dep
+            if dep.state is State.STOPPED and name not in seen:  # held at its own gate
+                inner = self._stuck_dependency(dep, seen | {agent.name})
+                if inner is not None:
+                    return name, inner[1]
+        return None
+
+    def _settled(self, agent: Agent) -> bool:
+        """Nothing more will happen to `agent` without an operator (or it is RUNNING):
+        what a `start` waits for. Wanted running, FATAL is not settled: an operator's
+        start has not reached it yet, or it will try again (fatal_retry_s)."""
+        if agent.state is State.RUNNING:
+            return True
+        if agent.state in AT_REST and not agent.wants_running:
+            return True
+        return agent.state is State.STOPPED and self._blocked(agent) is not None
+
+    async def wait_settled(self, agents: list[Agent], timeout_s: float) -> None:
+        """Until every one of `agents` is settled, or timeout_s has passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not all(self._settled(a) for a in agents):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        for a in agents:  # their reasons as of now, not as of their gate's last look
+            if a.state is State.STOPPED and a.wants_running:
+                self._explain_wait(a)
+
+    async def _stop_agents(self, names: list[str], *, by_operator: bool = False) -> None:
         """Stop the named agents, dependants before what they depend on."""
         deps = {n: self.agents[n].spec.dependencies for n in names}
         for layer in order.stop_order(deps):
-            await asyncio.gather(*(self.agents[n].stop() for n in layer))
+            await asyncio.gather(*(self.agents[n].stop(by_operator=by_operator)
+                                   for n in layer))
+
+    # --- groups (the old launcher's --group) --------------------------------------------
+
+    def groups(self) -> list[str]:
+        """The config's agent groups (MainPC's agent_groups keys), in file order."""
+        return list(dict.fromkeys(a.group for a in self.config.agents if a.group))
+
+    def group(self, name: str) -> list[Agent]:
+        """The agents of group `name`; LookupError naming the groups there are."""
+        members = [self.agents[a.name] for a in self.config.agents
+                   if a.group == name and a.name in self.agents]
+        if members:
+            return members
+        groups = self.groups()
+        if not groups:
+            raise LookupError(f"no group named {name!r}: {self.config.host}'s agents are a "
+                              "flat list without groups; name the agents one at a time")
+        raise LookupError(f"no group named {name!r} on {self.config.host}; its groups: "
+                          + ", ".join(groups))
+
+    def start_timeout_s(self, agents: list[Agent]) -> float:
+        """How long a start of `agents` may take: their longest start timeout once per
+        layer of their dependency chain (each layer starts only once the one before is
+        ready)."""
+        names = {a.name for a in agents}
+        depth = len(order.start_layers({a.name: [d for d in a.spec.dependencies if d in names]
+                                        for a in agents}))
+        longest = max((a.spec.health.start_timeout_s for a in agents), default=0.0)
+        return max(depth, 1) * longest
+
+    async def stop_by_operator(self, agents: list[Agent]) -> None:
+        """An operator's stop of `agents`: dependants first; returns once every one (and
+        all it forked) is gone. They stay stopped until an operator starts them."""
+        await self._stop_agents([a.name for a in agents], by_operator=True)
 
     def _settle_deadline_s(self) -> float:
         # The longest a first start can take along the deepest dependency chain; past
@@ -237,9 +357,12 @@ class Supervisor:
         required = [a for a in self.agents.values() if a.spec.required]
         down = [a for a in required if a.state is not State.RUNNING]
         # Still starting while every required agent that is not up is on its first
-        # attempt; one that has failed once makes the host degraded (and READY is sent:
-        # systemd restarting the whole supervisor would not help it).
-        first_try = all(a.last_exit is None and a.wants_running for a in down)
+        # attempt; one that has failed once, or waits for a dependency that did and needs
+        # an operator, makes the host degraded (and READY is sent: systemd restarting the
+        # whole supervisor would not help it).
+        first_try = all(a.last_exit is None and a.wants_running
+                        and not (a.state is State.STOPPED and self._blocked(a))
+                        for a in down)
         if self._stopping:
             state = "stopping"
         elif not down:
@@ -276,6 +399,8 @@ class Supervisor:
             "uptime_s": round(time.monotonic() - self._started_at, 1),
             "agents": agents,
             "upstreams": self.traffic.listeners(self.config),
+            "runtime_dir": str(self.config.runtime_dir),
+            "nftables_table": self.traffic.table,  # transparent redirects, when any
         }
 
     def agent(self, name: str) -> Agent:
@@ -296,6 +421,7 @@ class Supervisor:
                 pids.add(a.pid)
                 pids.update(process.descendants(a.pid))
         return await asyncio.to_thread(cfgmod.load, self.config.source,
+                                       overlays=self.config.overlays,
                                        exclude_pids=frozenset(pids), **self._overrides)
 
     async def reload(self) -> dict:
@@ -308,6 +434,8 @@ class Supervisor:
             except (cfgmod.ConfigError, cfgmod.ConfigUnreadable) as exc:
                 log.error("reload refused, nothing changed:\n%s", exc)
                 raise
+            for warning in new.warnings:
+                log.warning("%s", warning)
             return await self.apply(new)
         finally:
             self.notifier.ready()  # refused or applied, the reload is over for systemd

@@ -8,12 +8,20 @@ and a broken probe can never take the supervisor down. Only cancellation propaga
 The whole probe, connect included, runs under one `timeout_s` deadline. HTTP is a
 hand-written HTTP/1.0 GET over asyncio streams rather than aiohttp: the supervisor stays
 small in memory, and a status line is all a probe needs to read.
+
+A tcp probe with a `fallback_port` (derived from the legacy fields) is the old launcher's
+readiness: the health port first, and when nobody listens there (connection refused, not
+a timeout or a reset: those are a health server that is unwell) a connect to the main
+port. Every probe tries the health port again, so an agent that opens it later is judged
+by it from then on. `describe` says which probe is in use, for `status`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import shlex
 import signal
 import socket
 from dataclasses import dataclass
@@ -29,6 +37,9 @@ _MAX_STATUS_LINE_BYTES = 8192
 class ProbeResult:
     ok: bool
     detail: str  # what happened, in words an operator can act on
+    # The port that answered when it is not the probe's own: the main port of an agent
+    # with nothing listening on its health port (`HealthCheck.fallback_port`).
+    via: int | None = None
 
 
 async def probe(check: HealthCheck) -> ProbeResult:
@@ -51,9 +62,38 @@ async def probe(check: HealthCheck) -> ProbeResult:
 async def _tcp(check: HealthCheck) -> ProbeResult:
     if check.port is None:
         return ProbeResult(False, "tcp probe has no port")
-    _, writer = await asyncio.open_connection(check.host, check.port)
-    await _close(writer)
+    try:
+        await _connect(check.host, check.port)
+    except OSError as e:
+        if check.fallback_port is None or e.errno != errno.ECONNREFUSED:
+            raise
+        return await _tcp_main_port(check, check.fallback_port)
     return ProbeResult(True, f"connected to {_hostport(check)}")
+
+
+async def _tcp_main_port(check: HealthCheck, main: int) -> ProbeResult:
+    health = _hostport(check)
+    try:
+        await _connect(check.host, main)
+    except OSError as e:
+        return ProbeResult(False, f"{_describe(e)} on {_hostport(check, main)} (main port), "
+                                  f"connection refused on {health} (health port)")
+    # An agent that opens its main port right after its health port (most do) may have
+    # opened both between the two connects: ask the health port again before saying
+    # nothing listens there, or status would say so until the next probe.
+    try:
+        await _connect(check.host, check.port)
+    except OSError:
+        pass
+    else:
+        return ProbeResult(True, f"connected to {health}")
+    return ProbeResult(True, f"connected to {_hostport(check, main)} (main port; nothing "
+                             f"listens on health port {check.port})", via=main)
+
+
+async def _connect(host: str, port: int) -> None:
+    _, writer = await asyncio.open_connection(host, port)
+    await _close(writer)
 
 
 async def _http(check: HealthCheck) -> ProbeResult:
@@ -140,9 +180,27 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         pass
 
 
-def _hostport(check: HealthCheck) -> str:
+def _hostport(check: HealthCheck, port: int | None = None) -> str:
     host = f"[{check.host}]" if ":" in check.host else check.host
-    return f"{host}:{check.port}"
+    return f"{host}:{check.port if port is None else port}"
+
+
+def describe(check: HealthCheck, via: int | None = None) -> str:
+    """The probe in use, for `status`: "tcp :8200", "http :8200/health", "exec CMD", and
+    for an agent judged by its main port (`via`, from the last ProbeResult) which port
+    that is and why."""
+    if check.kind is ProbeKind.NONE:
+        return "none"
+    if check.kind is ProbeKind.EXEC:
+        return "exec " + shlex.join(check.command)
+    # The usual host is loopback (the agent's wildcard address); name any other.
+    host = "" if check.host == "127.0.0.1" else (
+        f"[{check.host}]" if ":" in check.host else check.host)
+    if via is not None:
+        return (f"{check.kind.value} {host}:{via} (main port; nothing listens on health "
+                f"port {check.port})")
+    path = check.path if check.kind is ProbeKind.HTTP else ""
+    return f"{check.kind.value} {host}:{check.port}{path}"
 
 
 def _describe(e: OSError) -> str:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from supervisor.config import placeholders
 from supervisor.config.model import AgentSpec, SecretsConfig
+from supervisor.paths import SECRETS_DIR
 
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
@@ -134,10 +134,10 @@ def fingerprint(cfg: SecretsConfig, name: str,
 
 
 def referenced(spec: AgentSpec) -> frozenset[str]:
-    """The secrets an agent uses: ${NAME} in its environment and its secrets.files."""
-    names = {name for template in spec.env.values()
-             for kind, name in placeholders.find(template) if kind is None}
-    return frozenset(names | set(spec.secret_files))
+    """The secrets an agent uses: the ${NAME} of its environment that load found in the
+    secret store (spec.secret_names; a ${PYTHONPATH} is the supervisor's environment, not
+    a secret) and its secrets.files."""
+    return frozenset(spec.secret_names) | frozenset(spec.secret_files)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,16 @@ class AgentFolder:
 
 
 def agent_folder(runtime_dir: Path, agent: str) -> AgentFolder:
-    return AgentFolder(runtime_dir / "secrets" / agent)
+    return AgentFolder(runtime_dir / SECRETS_DIR / agent)
+
+
+def agent_folders(runtime_dir: Path) -> list[AgentFolder]:
+    """Every agent's folder in runtime_dir, e.g. those a dead supervisor left."""
+    try:
+        return [AgentFolder(p) for p in sorted((runtime_dir / SECRETS_DIR).iterdir())
+                if p.is_dir()]
+    except OSError:
+        return []
 
 
 def unseal_into_store(cfg: SecretsConfig) -> list[str]:

@@ -28,9 +28,11 @@ from supervisor import process
 from supervisor.config.model import (
     AgentSpec, Backoff, HealthCheck, HostConfig, Intercept, ProbeKind, RestartPolicy,
 )
+from supervisor.paths import SYSTEM_RUNTIME_DIR
 
 SIDECAR = "sidecar"  # its name in status; reserved
-NFT_TABLE = "agentvisor"  # the one nftables table we own (transparent redirects)
+# The nftables table of the deployed hosts' supervisor (runtime dir /run/agentvisor).
+NFT_TABLE = "agentvisor"
 LISTEN_BACKLOG = 1024  # agents queue here while the sidecar restarts
 
 # The sidecar restarts at once and keeps trying: without it no agent can reach anything.
@@ -38,18 +40,35 @@ SIDECAR_RESTART = RestartPolicy(start_s=1.0, backoff=Backoff(initial_s=0.1, max_
                                 max_failures=10, window_s=60.0, fatal_retry_s=10.0)
 
 
-def remove_stale_redirects() -> str | None:
-    """Delete the nftables table a supervisor that died without stopping left behind,
-    so an uninterested uid's traffic is not sent to a sidecar that is gone. Only for
-    when no supervisor runs on this host: the table's name is ours alone. Returns what
-    was done, or None when there was nothing (or no nft, or no root, to look with);
-    raises nftables.NftError when the table is there and cannot be removed."""
+def table_for(runtime_dir: Path) -> str:
+    """The nftables table holding the transparent redirects of the supervisor of
+    runtime_dir: each runtime directory has its own supervisor (runtime_lock.py), and so
+    its own table, which it alone installs and removes. A test run, or a second host
+    config, on a deployed PC can then never remove production's redirects, nor two
+    supervisors each other's. The deployed hosts' directory keeps the plain name
+    `agentvisor` they have always had; any other is `agentvisor_` and 10 hex digits of
+    the sha256 of its absolute, symlink-free path (a name nft accepts unquoted, 21
+    characters, well within its limit)."""
+    real = os.path.realpath(runtime_dir)
+    if real == os.path.realpath(SYSTEM_RUNTIME_DIR):
+        return NFT_TABLE
+    return f"{NFT_TABLE}_{hashlib.sha256(real.encode()).hexdigest()[:10]}"
+
+
+def remove_stale_redirects(runtime_dir: Path) -> str | None:
+    """Delete the nftables table that the supervisor of runtime_dir, dead without
+    stopping, left behind, so an intercepted uid's traffic is not sent to a sidecar that
+    is gone. Only under runtime_dir's lock: the table is that supervisor's alone, and no
+    other table is ever looked at. Returns what was done, or None when there was nothing
+    (or no nft, or no root, to look with); raises nftables.NftError when the table is
+    there and cannot be removed."""
     if shutil.which("nft") is None or os.geteuid() != 0:
         return None
-    if not nftables.exists(NFT_TABLE):
+    table = table_for(runtime_dir)
+    if not nftables.exists(table):
         return None
-    nftables.remove(NFT_TABLE)
-    return f"removed nftables table inet {NFT_TABLE} (transparent redirects)"
+    nftables.remove(table)
+    return f"removed nftables table inet {table} (transparent redirects)"
 
 
 class ListenerError(Exception):
@@ -59,6 +78,7 @@ class ListenerError(Exception):
 class Traffic:
     def __init__(self, runtime_dir: Path):
         self.runtime_dir = runtime_dir
+        self.table = table_for(runtime_dir)  # its transparent redirects, and no other
         self.sockets: dict[str, socket.socket] = {}
         self._requested: dict[str, tuple[str, int]] = {}
         self._redirecting = False
@@ -221,7 +241,7 @@ class Traffic:
         try:
             redirects = [nftables.Redirect(process.identity(a.user).uid, port, exempt)
                          for a in agents]
-            nftables.install(NFT_TABLE, redirects)
+            nftables.install(self.table, redirects)
             self._redirecting = True
         except (nftables.NftError, process.SpawnError, ValueError) as exc:
             self.redirect_error = str(exc)
@@ -229,7 +249,7 @@ class Traffic:
     def _remove_redirects(self) -> None:
         if self._redirecting:
             try:
-                nftables.remove(NFT_TABLE)
+                nftables.remove(self.table)
             except nftables.NftError:
                 pass
             self._redirecting = False

@@ -1,25 +1,53 @@
 #!/usr/bin/env bash
-# Deploy agentvisor on this PC under systemd: `sudo make deploy HOST=mainpc` (or pc2).
+# Deploy agentvisor on this PC under systemd, as root. Two ways to say what it runs:
 #
-#   1. installs agentvisor@.service, with ExecStart pointing at this clone, wherever it is;
-#   2. installs config/HOST.yaml (or CONFIG=FILE) as /etc/agentvisor/HOST.yaml, unless that
-#      file exists: a config edited on the PC is never overwritten;
-#   3. validates it (`agentvisor validate`), and stops here if it is invalid;
-#   4. first deploy: enables and starts agentvisor@HOST. Deploy again (after `git pull`):
-#      reloads it, so a changed config applies without restarting the agents, and says how
-#      to restart for new code;
-#   5. with NATS=1, first installs config/nats-HOST.conf as /etc/agentvisor/nats.conf
-#      (kept if present) and agentvisor-nats.service, starts it, waits for its port;
-#   6. waits until every required agent runs (DEPLOY_WAIT_S, 60 s), then shows
+#   sudo make deploy HOST=mainpc LEGACY=/opt/ai_system/main_pc_code/config/startup_config.yaml
+#       The PC's own legacy file, where it is and as it is, byte for byte (the old tools
+#       keep reading it), with agentvisor's settings in an overlay beside it (OVERLAY=FILE,
+#       default agentvisor.yaml in the legacy file's folder; it must exist). Neither file
+#       is ever copied or edited. Both are named in /etc/agentvisor/HOST.env, which the
+#       unit reads (EnvironmentFile=, see agentvisor@.service): AGENTVISOR_CONFIG,
+#       AGENTVISOR_OVERLAYS, and the variables the legacy file's ${NAME} placeholders read
+#       from the supervisor's environment, which systemd keeps nearly empty (PYTHONPATH=
+#       at least; the others it reads are listed there, commented out, to be set).
+#   sudo make deploy HOST=mainpc [CONFIG=FILE]
+#       A native config: config/HOST.yaml (or CONFIG=FILE), installed as
+#       /etc/agentvisor/HOST.yaml.
+#
+# Either way, an operator's edit wins: /etc/agentvisor/HOST.env and HOST.yaml are written
+# only when absent, and kept as they are from then on (remove one to have it written
+# again). Then:
+#   1. validates exactly what the unit will run: the config and overlays HOST.env names
+#      (else HOST.yaml), with the environment systemd will give the supervisor (PATH
+#      and HOST.env's variables, nothing of this shell's); stops here if it is invalid;
+#   2. installs agentvisor@.service, with ExecStart pointing at this clone, wherever it is;
+#   3. with NATS=1, installs config/nats-HOST.conf as /etc/agentvisor/nats.conf (kept if
+#      present) and agentvisor-nats.service, starts it, waits for its port;
+#   4. first deploy: enables and starts agentvisor@HOST. Deploy again (after `git pull`,
+#      or an edit of the config or overlay): reloads it, so the change applies without
+#      restarting the agents, and says how to restart for new code. A reload cannot
+#      change the supervisor's command line or environment: when the running one was
+#      started with other files or HOST.env values than the unit now gives, deploy
+#      restarts the unit instead (its agents restart) and says what differed;
+#   5. waits until every required agent runs (DEPLOY_WAIT_S, 60 s), then shows
 #      `agentvisor status`.
 #
 # `make undeploy HOST=...` (--remove): stops and disables the unit, removes the unit file
-# when no instance is left, keeps the configs.
+# when no instance is left, keeps /etc/agentvisor (HOST.yaml, HOST.env, nats.conf) and,
+# of course, the legacy file and overlay.
 #
 # Exit 0 when the unit runs the config with every required agent up; 1 on an invalid
-# config, a failed start or reload (systemctl's message and the journal's last lines are
-# printed) or a required agent still down at the deadline; 2 on bad usage.
+# config, a kept HOST.env that names other files than LEGACY/OVERLAY, a failed start or
+# reload (systemctl's message and the journal's last lines are printed) or a required
+# agent still down at the deadline; 2 on bad usage or a file that is not there.
 set -euo pipefail
+
+usage() {
+    echo "usage: make deploy HOST=NAME [LEGACY=FILE [OVERLAY=FILE] | CONFIG=FILE] [NATS=1]" \
+         "  (NAME: mainpc, pc2, ...)" >&2
+    echo "       make undeploy HOST=NAME" >&2
+    exit 2
+}
 
 remove=false
 if [[ "${1:-}" == --remove ]]; then
@@ -29,17 +57,29 @@ fi
 host="${1:-}"
 config="${2:-}"
 with_nats="${3:-}"
+legacy="${4:-}"
+overlay="${5:-}"
 if [[ -z "$host" || ! "$host" =~ ^[A-Za-z0-9_.-]+$ || ! "$with_nats" =~ ^[01]?$ ]]; then
-    echo "usage: make deploy HOST=NAME [CONFIG=FILE] [NATS=1]   (NAME: mainpc, pc2, ...)" >&2
-    echo "       make undeploy HOST=NAME" >&2
-    exit 2
+    usage
+fi
+if [[ -n "$legacy" && -n "$config" ]]; then
+    echo "deploy: LEGACY= and CONFIG= are two ways to give the config; give one" >&2
+    usage
+fi
+if [[ -n "$overlay" && -z "$legacy" ]]; then
+    echo "deploy: OVERLAY= is laid over a LEGACY= file; give that too" >&2
+    usage
 fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 config="${config:-$root/config/$host.yaml}"
 agentvisor="$root/.venv/bin/agentvisor"
 unit="agentvisor@$host.service"
 etc_config="/etc/agentvisor/$host.yaml"
+etc_env="/etc/agentvisor/$host.env"
 units_dir="${SYSTEMD_UNITS_DIR:-/etc/systemd/system}"
+# What systemd gives a service's processes besides its Environment= lines (no HOME, no
+# PWD, no PYTHONPATH): what the supervisor, and so validation here, sees.
+unit_path="PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 if [[ "$(id -u)" != 0 ]]; then
     echo "deploy: installs a systemd unit and /etc/agentvisor: run it as root" >&2
@@ -63,8 +103,13 @@ if $remove; then
         systemctl daemon-reload
         echo "    removed $units_dir/agentvisor@.service (no instance left)"
     fi
-    echo "    kept $etc_config and /etc/agentvisor/nats.conf; agentvisor-nats, if" \
-         "deployed, runs on (systemctl disable --now agentvisor-nats)"
+    kept=()
+    for file in "$etc_config" "$etc_env" /etc/agentvisor/nats.conf; do
+        [[ -e "$file" ]] && kept+=("$file")
+    done
+    echo "    kept ${kept[*]:-nothing in /etc/agentvisor} (and any legacy file and overlay" \
+         "where they are); agentvisor-nats, if deployed, runs on" \
+         "(systemctl disable --now agentvisor-nats)"
     exit 0
 fi
 [[ -x "$agentvisor" ]] || { echo "deploy: $agentvisor is missing: run make install" >&2; exit 1; }
@@ -82,18 +127,206 @@ install_kept() {
     fi
 }
 
-step "config: $etc_config"
+# unsafe_path PATH: why PATH cannot be written in HOST.env as it is, or nothing. systemd
+# strips quotes and surrounding blanks from a value there and splits
+# $AGENTVISOR_OVERLAYS at whitespace, so such characters would name another file.
+unsafe_path() {
+    case "$1" in
+        *[[:space:][:cntrl:]\"\'\\\$\`]*)
+            echo "has whitespace, a quote, a backslash, a \$ or a control character" ;;
+    esac
+}
+
+# placeholder_variables LEGACY OVERLAY: a line "NAME<TAB>file:line, ..." per variable of
+# the supervisor's environment that the two files' ${NAME} placeholders (env_vars,
+# global_settings.environment, port expressions) read, and "!NAME<TAB>..." per
+# credential that is not in their secret store: it belongs there, not in HOST.env.
+# Classified by agentvisor's own config code, as `validate` does. Nothing when the files
+# cannot be read: validation says why, just after.
+placeholder_variables() {
+    "$root/.venv/bin/python" - "$@" <<'PY'
+import os
+import re
+import sys
+from pathlib import Path
+
+from supervisor.config import overlay, placeholders, ports, validate, yamlsrc
+
+legacy, *overlays = sys.argv[1:]
+try:
+    source = overlay.compose(legacy, overlays)
+except (OSError, UnicodeDecodeError, yamlsrc.Malformed):
+    sys.exit(0)
+data = source.data if isinstance(source.data, dict) else {}
+store = validate.secret_store(data, Path(legacy).absolute().parent, {})
+common = data.get("global_settings")
+environments = [(("global_settings", "environment"),
+                 common.get("environment") if isinstance(common, dict) else None)]
+entries = validate.agent_entries(data)
+environments += [(e.path + ("env_vars",), e.fields.get("env_vars")) for e in entries]
+uses: dict[str, list[tuple[str, int | None]]] = {}
+for path, env in environments:
+    for var, template in (env.items() if isinstance(env, dict) else ()):
+        if not isinstance(template, str):
+            continue
+        for kind, name in placeholders.find(template):
+            if kind is None and name != validate.PWD and name not in store:
+                secret = validate.credential_name(name) or validate.credential_name(var)
+                uses.setdefault(("!" if secret else "") + name, []).append(
+                    source.origin(path + (var,)))
+# PORT_OFFSET has a default (the overlay's port_offset, else 0): not needed here.
+for entry in entries:
+    for key in ("port", "health_check_port"):
+        written = entry.fields.get(key)
+        for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
+                               written if isinstance(written, str) else ""):
+            if name != ports.PORT_OFFSET:
+                uses.setdefault(name, []).append(source.origin(entry.path + (key,)))
+for name, where in uses.items():
+    places = list(dict.fromkeys(f"{os.path.basename(f)}:{line}" for f, line in where))
+    print(f"{name}\t{', '.join(places[:5])}{', ...' if len(places) > 5 else ''}")
+PY
+}
+
+# write_env_file DEST: HOST.env for LEGACY and OVERLAY, with its comments.
+write_env_file() {
+    local name where variables
+    variables=$(placeholder_variables "$legacy" "$overlay")
+    {
+        cat <<EOF
+# The environment of $unit (EnvironmentFile= in agentvisor@.service).
+# Written by \`make deploy\` on $(date -u +%F), and kept as it is from then on: an edit
+# here wins over any later deploy (remove this file to have deploy write it again).
+# systemd reads it when the unit starts: after an edit, run \`make deploy\` again (it
+# restarts the unit when the running supervisor has other values) or
+# \`systemctl restart $unit\`. Plain NAME=VALUE lines; no credentials (they go in the
+# secret store: the overlay's secrets:, or LoadCredential= in the unit).
+
+# The legacy file, run where it is and as it is (the old tools keep reading it), and
+# the overlay of agentvisor's settings laid over it. More overlays, applied in order:
+# --overlay FILE --overlay FILE2 (no whitespace in these paths).
+AGENTVISOR_CONFIG=$legacy
+AGENTVISOR_OVERLAYS=--overlay $overlay
+
+# The supervisor's environment, which systemd keeps to PATH: set here every variable
+# that the files' \${NAME} placeholders read and that is not a secret (validation names
+# any that is missing). Empty, \${PYTHONPATH} expands as under a shell that has none:
+# '\${PYTHONPATH}:\${PWD}/..' gives ':<the agent's folder>/..' (\${PWD} is the agent's
+# working directory).
+PYTHONPATH=
+EOF
+        while IFS=$'\t' read -r name where; do
+            case "$name" in
+                ''|PYTHONPATH) ;;
+                '!'*) printf '# %s (%s) is a credential: put it in the secret store, not here.\n' \
+                          "${name#!}" "$where" ;;
+                *) printf '# Read by %s: set it.\n#%s=\n' "$where" "$name" ;;
+            esac
+        done <<<"$variables"
+        echo "# PORT_OFFSET=N shifts every \"\${PORT_OFFSET}+N\" port; unset, the overlay's" \
+             "port_offset (else 0) applies."
+    } > "$1.new"
+    # Written beside, then renamed: systemd never reads half a file. Root's only: it
+    # holds nothing secret, but nobody else needs it.
+    chmod 0600 "$1.new"
+    mv "$1.new" "$1"
+}
+
 install -d -m 0755 /etc/agentvisor
-install_kept "$config" "$etc_config"
+if [[ -n "$legacy" ]]; then
+    # Absolute, symlinks kept: the project root is inferred from where the file is.
+    legacy=$(realpath --no-symlinks -- "$legacy")
+    overlay=$(realpath --no-symlinks -- "${overlay:-$(dirname "$legacy")/agentvisor.yaml}")
+    step "config: $legacy, overlay $overlay (both stay where they are, unchanged)"
+    [[ -f "$legacy" && -r "$legacy" ]] || { echo "deploy: no file at $legacy (LEGACY=)" >&2; exit 2; }
+    [[ -f "$overlay" && -r "$overlay" ]] || {
+        echo "deploy: no overlay at $overlay: write agentvisor's settings for this PC there" \
+             "(host:, secrets:, agents: ...; config/demo/main_pc_code/config/agentvisor.yaml" \
+             "is an example), or name the file with OVERLAY=FILE" >&2
+        exit 2; }
+    for path in "$legacy" "$overlay"; do
+        why=$(unsafe_path "$path")
+        [[ -z "$why" ]] || {
+            echo "deploy: $path $why, which $etc_env cannot carry: move or link the" \
+                 "file to a plainer path" >&2
+            exit 2; }
+    done
+    step "environment: $etc_env"
+    if [[ -e "$etc_env" ]]; then
+        echo "    kept as it is (remove it to have deploy write it again)"
+    else
+        write_env_file "$etc_env"
+        echo "    written: the two files, and PYTHONPATH= (set other variables the" \
+             "supervisor needs there)"
+    fi
+else
+    step "config: $etc_config"
+    install_kept "$config" "$etc_config"
+fi
+
+# env_file_pairs FILE: the NAME=VALUE assignments systemd's EnvironmentFile= takes from
+# FILE, one a line: blank lines and lines starting with # or ; skipped, blanks around
+# the name and before the value dropped, and one pair of quotes around the value.
+env_file_pairs() {
+    local line name value
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        line="${line#"${line%%[![:space:]]*}"}"
+        [[ -z "$line" || "$line" == [#\;]* || "$line" != *=* ]] && continue
+        name="${line%%=*}"
+        name="${name%"${name##*[![:space:]]}"}"
+        value="${line#*=}"
+        value="${value#"${value%%[![:space:]]*}"}"
+        value="${value%"${value##*[![:space:]]}"}"
+        if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then
+            value="${BASH_REMATCH[1]}"
+        fi
+        [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && printf '%s=%s\n' "$name" "$value"
+    done < "$1"
+}
+
+# What the unit will run, as systemd puts it together: Environment=AGENTVISOR_CONFIG=
+# /etc/agentvisor/HOST.yaml, HOST.env (if any) over it, then ExecStart=`run --config
+# ${AGENTVISOR_CONFIG} $AGENTVISOR_OVERLAYS`, the latter split at whitespace.
+unit_env=()
+[[ -e "$etc_env" ]] && mapfile -t unit_env < <(env_file_pairs "$etc_env")
+run_config="$etc_config"
+run_overlays=""
+for pair in ${unit_env[@]+"${unit_env[@]}"}; do
+    case "$pair" in
+        AGENTVISOR_CONFIG=*) run_config="${pair#*=}" ;;
+        AGENTVISOR_OVERLAYS=*) run_overlays="${pair#*=}" ;;
+    esac
+done
+read -r -a overlay_args <<<"$run_overlays" || true
+run_args=(--config "$run_config" ${overlay_args[@]+"${overlay_args[@]}"})
+if [[ -n "$legacy" ]] && { [[ "$run_config" != "$legacy" ]] ||
+        ! printf '%s\n' ${overlay_args[@]+"${overlay_args[@]}"} | grep -qxF -- "$overlay"; }; then
+    # The kept file is the operator's word: say so rather than run something else.
+    echo "deploy: $etc_env (kept: an operator's edit wins) has the unit run" \
+         "'${run_args[*]}', not $legacy with --overlay $overlay: edit" \
+         "AGENTVISOR_CONFIG and AGENTVISOR_OVERLAYS there, or remove the file to have" \
+         "deploy write it again" >&2
+    exit 1
+fi
+if [[ -e "$etc_env" && -z "$legacy" && "$run_config" != "$etc_config" ]]; then
+    echo "    $etc_env sets AGENTVISOR_CONFIG: the unit runs that, not $etc_config"
+fi
 
 running=false
 systemctl is-active --quiet "$unit" && running=true
-step "validate"
-# A running fleet holds its own ports: those are not conflicts (reload checks them itself).
-if $running; then
-    "$agentvisor" validate --offline "$etc_config"
-else
-    "$agentvisor" validate "$etc_config"
+step "validate: ${run_args[*]}${unit_env[*]+ (with $etc_env)}"
+# Nothing of this shell's environment: a ${NAME} it happens to have would pass here and
+# fail under systemd. A running fleet holds its own ports: those are not conflicts
+# (reload checks them itself).
+validate=(env -i "$unit_path" "AGENTVISOR_CONFIG=$etc_config" ${unit_env[@]+"${unit_env[@]}"}
+          "$agentvisor" validate)
+$running && validate+=(--offline)
+if ! "${validate[@]}" "$run_config" ${overlay_args[@]+"${overlay_args[@]}"}; then
+    if [[ -e "$etc_env" ]]; then
+        echo "deploy: not deployed. A variable of the supervisor's environment that a" \
+             "\${NAME} reads goes in $etc_env; a credential in the secret store" >&2
+    fi
+    exit 1
 fi
 
 step "unit: $units_dir/agentvisor@.service (ExecStart from $root)"
@@ -131,7 +364,33 @@ if [[ "$with_nats" == 1 ]]; then
     echo "    listening on port $port"
 fi
 
-if $running; then
+# started_otherwise: what the running supervisor was started with that the unit would
+# not give it now (its command line, or a HOST.env value), one line each; nothing if
+# the same. Only these need a restart: a reload re-reads the files themselves.
+started_otherwise() {
+    local pid have
+    pid=$(systemctl show -p MainPID --value "$unit")
+    [[ "$pid" =~ ^[1-9][0-9]*$ && -r "/proc/$pid/cmdline" ]] || return 0
+    # Its arguments after `run` (the interpreter and the script come first).
+    have=$(tr '\0' '\n' < "/proc/$pid/cmdline" | sed '1,/^run$/d')
+    if [[ "$have" != "$(printf '%s\n' "${run_args[@]}")" ]]; then
+        echo "it runs '$(paste -sd' ' <<<"$have")'; the unit now gives '${run_args[*]}'"
+    fi
+    for pair in ${unit_env[@]+"${unit_env[@]}"}; do
+        tr '\0' '\n' < "/proc/$pid/environ" | grep -qxF -- "$pair" ||
+            echo "its ${pair%%=*} is not the one $etc_env sets"
+    done
+}
+
+if $running && otherwise=$(started_otherwise) && [[ -n "$otherwise" ]]; then
+    step "restart $unit (a reload cannot change what the supervisor was started with;" \
+         "its agents restart)"
+    sed 's/^/    /' <<<"$otherwise"
+    if ! systemctl restart "$unit"; then
+        journalctl -u "$unit" -n 20 --no-pager 2>/dev/null || true
+        exit 1
+    fi
+elif $running; then
     step "reload $unit (agents keep running; new code needs: systemctl restart $unit)"
     if ! systemctl reload "$unit"; then
         journalctl -u "$unit" -n 20 --no-pager 2>/dev/null || true

@@ -13,6 +13,8 @@ from .model import (
     RestartMode,
     RestartPolicy,
     SecretsConfig,
+    errors,
+    warnings,
 )
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "RestartMode",
     "RestartPolicy",
     "SecretsConfig",
+    "errors",
     "load",
     "validate_file",
+    "warnings",
 ]

@@ -15,18 +15,18 @@ import shlex
 import shutil
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import psutil
 
 from supervisor.paths import default_logs_dir, default_runtime_dir
 
-from . import validate, yamlsrc
+from . import legacy, overlay, validate, yamlsrc
 from .model import (
     DEFAULT_RESOURCE_INTERVAL_S, AgentSpec, Backoff, ConfigError, HealthCheck, HostConfig, ProbeKind, Problem,
-    Intercept, ResourceLimits, RestartMode, RestartPolicy, SecretsConfig,
+    Intercept, ResourceLimits, RestartMode, RestartPolicy, SecretsConfig, errors, warnings,
 )
 from sidecar.config import SidecarSettings, UpstreamPolicy, parse_sidecar, parse_upstreams
 from sidecar.routing import self_loops
@@ -37,6 +37,8 @@ _WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 _LOOPBACK = "127.0.0.1"
 # The model's field names for the legacy global_settings.health_checks keys.
 _LEGACY_PROBE_TIMING = {"interval_seconds": "interval_s", "timeout_seconds": "timeout_s", "retries": "retries"}
+# The legacy resource_limits keys (ResourceLimits' fields).
+_LIMIT_FIELDS = ("memory_mb", "cpu_percent", "max_threads")
 # Keys of a native `health` block that are HealthCheck fields as they stand.
 _PROBE_FIELDS = ("path", "status", "interval_s", "timeout_s", "retries", "start_timeout_s")
 
@@ -48,53 +50,80 @@ class ConfigUnreadable(Exception):
 def load(
     path: str | os.PathLike[str],
     *,
+    overlays: Sequence[str | os.PathLike[str]] = (),
     runtime_dir: Path | None = None,
     logs_dir: Path | None = None,
     check_machine: bool = True,
     exclude_pids: frozenset[int] = frozenset(),
+    strict: bool = False,
+    environ: Mapping[str, str] | None = None,
 ) -> HostConfig:
-    """The host config in `path`; ConfigError with every problem if there is any.
+    """The host config in `path`; ConfigError with every error if there is any. The
+    warnings are in the returned config's `warnings`.
 
     runtime_dir and logs_dir override the file's and the defaults. check_machine also
-    reports ports that are already listening here, except those held by exclude_pids
-    (the supervisor's own agents, on a reload)."""
+    warns about ports that are already listening here, except those held by exclude_pids
+    (the supervisor's own agents, on a reload). strict (or the file's `strict: true`)
+    makes unknown keys errors. environ is the supervisor's environment (default
+    os.environ): what ${NAME} placeholders and port expressions are filled from."""
     config, problems = validate_file(
-        path, runtime_dir=runtime_dir, logs_dir=logs_dir,
-        check_machine=check_machine, exclude_pids=exclude_pids,
+        path, overlays=overlays, runtime_dir=runtime_dir, logs_dir=logs_dir,
+        check_machine=check_machine, exclude_pids=exclude_pids, strict=strict,
+        environ=environ,
     )
-    if problems or config is None:
-        raise ConfigError(problems)
+    if errors(problems) or config is None:
+        raise ConfigError(errors(problems))
     return config
 
 
 def validate_file(
     path: str | os.PathLike[str],
     *,
+    overlays: Sequence[str | os.PathLike[str]] = (),
     runtime_dir: Path | None = None,
     logs_dir: Path | None = None,
     check_machine: bool = True,
     exclude_pids: frozenset[int] = frozenset(),
+    strict: bool = False,
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[HostConfig | None, list[Problem]]:
     """(config, problems), never raising ConfigError (ConfigUnreadable still, for a file
-    that cannot be read). The config is None when the file is not YAML or breaks the
-    schema; otherwise it is built even if there are problems, e.g. a missing script."""
+    that cannot be read). problems holds errors and warnings (Problem.severity) in file
+    order; `errors()`/`warnings()` split them. The config is None when the file is not
+    YAML or breaks the schema; otherwise it is built even if there are errors, e.g. a
+    missing script, and carries the warnings."""
     path = Path(path)
     try:
-        source = yamlsrc.parse(yamlsrc.read(path), str(path))
-    except OSError as e:
-        raise ConfigUnreadable(f"{path}: cannot read: {e.strerror or e}") from e
+        # The file with its include: files and overlays laid over it (overlay.py).
+        source = overlay.compose(path, overlays)
+    except OSError as e:  # the file or an overlay: say which
+        raise ConfigUnreadable(f"{e.filename or path}: cannot read: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
         raise ConfigUnreadable(f"{path}: cannot read: not UTF-8 text (byte {e.start})") from e
     except yamlsrc.Malformed as e:
         return None, [e.problem]
     folder = path.absolute().parent
     data = source.data if isinstance(source.data, dict) else {}
-    project_root = _under(folder, data.get("project_root")) or folder
-    listeners = listening_ports(exclude_pids) if check_machine else {}
-    schema_problems = validate.schema_problems(source, schema())
-    problems = validate.by_line(
-        [*source.problems, *schema_problems, *validate.semantic_problems(source, project_root, listeners)]
+    project_root, project_root_reason = legacy.project_root(source)
+    environ = os.environ if environ is None else environ
+    strict = strict or data.get("strict") is True
+    entries = validate.agent_entries(data)
+    evaluated, port_problems = validate.evaluate_ports(source, entries, environ)
+    context = validate.Context(
+        project_root=project_root,
+        listeners=listening_ports(exclude_pids) if check_machine else {},
+        environ=environ,
+        store=validate.secret_store(data, folder, environ),
+        ports=evaluated,
     )
+    schema_problems = validate.schema_problems(source, schema())
+    problems = validate.by_line([
+        *source.problems, *schema_problems, *port_problems,
+        *validate.semantic_problems(source, context),
+        *validate.unknown_keys(source, schema(), strict),
+        *validate.restart_policy_problems(source, entries, strict),
+        *validate.upstream_warnings(source),
+    ])
     if schema_problems:
         return None, problems
     # The sidecar's own parser reads its blocks: one reading of upstreams everywhere.
@@ -112,7 +141,11 @@ def validate_file(
         logs_dir=Path(logs_dir or _under(folder, data.get("logs", {}).get("dir"))
                       or default_logs_dir()).absolute(),
     )
-    return _build(data, path, paths, upstreams, sidecar), problems
+    config = replace(_build(data, path, paths, upstreams, sidecar, context),
+                     overlays=tuple(Path(os.path.abspath(o)) for o in overlays),
+                     project_root_reason=project_root_reason,
+                     warnings=tuple(warnings(problems)))
+    return config, problems
 
 
 @functools.cache
@@ -179,15 +212,17 @@ class _Globals:
 
 
 def _build(data: Mapping[str, Any], source: Path, paths: _Paths,
-           upstreams: Mapping[str, UpstreamPolicy], sidecar: SidecarSettings) -> HostConfig:
+           upstreams: Mapping[str, UpstreamPolicy], sidecar: SidecarSettings,
+           context: validate.Context) -> HostConfig:
     settings = data.get("global_settings", {})
     inherited = _Globals(
         paths=paths,
         python=data.get("python") or shutil.which("python3") or sys.executable,
         environment=settings.get("environment", {}),
-        limits=settings.get("resource_limits", {}),
-        probe_timing={
+        limits=_known(settings.get("resource_limits", {}), _LIMIT_FIELDS),
+        probe_timing={  # unknown legacy keys were warned about and are left out
             _LEGACY_PROBE_TIMING[k]: v for k, v in settings.get("health_checks", {}).items()
+            if k in _LEGACY_PROBE_TIMING
         },
         restart=_restart_block(settings.get("restart")),
     )
@@ -198,7 +233,7 @@ def _build(data: Mapping[str, Any], source: Path, paths: _Paths,
         project_root=paths.project_root,
         runtime_dir=paths.runtime_dir,
         logs_dir=paths.logs_dir,
-        agents=tuple(_agent(e, inherited) for e in validate.agent_entries(data)),
+        agents=tuple(_agent(e, inherited, context) for e in validate.agent_entries(data)),
         environment=inherited.environment,
         upstreams=upstreams,
         sidecar=sidecar,
@@ -216,8 +251,8 @@ def _build(data: Mapping[str, Any], source: Path, paths: _Paths,
     )
 
 
-def _agent(entry: validate.Entry, inherited: _Globals) -> AgentSpec:
-    fields, root = entry.fields, inherited.paths.project_root
+def _agent(entry: validate.Entry, inherited: _Globals, context: validate.Context) -> AgentSpec:
+    fields, root = _evaluated(entry, context), inherited.paths.project_root
     name = entry.name
     assert name is not None, "the schema requires a name in pc2_services"
     args = tuple(fields.get("args", ()))
@@ -225,8 +260,9 @@ def _agent(entry: validate.Entry, inherited: _Globals) -> AgentSpec:
     intercept = fields.get("intercept", {})
     if isinstance(intercept, str):  # `intercept: proxy` is short for {mode: proxy}
         intercept = {"mode": intercept}
+    env = {**inherited.environment, **fields.get("env_vars", {})}
     if "script_path" in fields:
-        script: Path | None = root / fields["script_path"]
+        script: Path | None = legacy.resolve_script(root, fields["script_path"])
         argv = (fields.get("python", inherited.python), str(script), *args)
     else:
         script, argv = None, (*fields["command"], *args)
@@ -239,14 +275,18 @@ def _agent(entry: validate.Entry, inherited: _Globals) -> AgentSpec:
         script_path=script,
         port=fields.get("port"),
         health_check_port=fields.get("health_check_port"),
+        port_expression=_expression(entry, context, "port"),
+        health_check_port_expression=_expression(entry, context, "health_check_port"),
         host=fields.get("host", "0.0.0.0"),
         required=fields.get("required", False),
         dependencies=tuple(fields.get("dependencies", ())),
         config=fields.get("config", {}),
-        env={**inherited.environment, **fields.get("env_vars", {})},
+        env=env,
+        secret_names=validate.secret_names(env, context.store),
         health=_health(fields, inherited.probe_timing),
-        restart=_restart(inherited.restart, _restart_block(fields.get("restart"))),
-        limits=ResourceLimits(**{**inherited.limits, **fields.get("resource_limits", {})}),
+        restart=_restart(inherited.restart, _own_restart(fields)),
+        limits=ResourceLimits(**{**inherited.limits,
+                                 **_known(fields.get("resource_limits", {}), _LIMIT_FIELDS)}),
         log_path=inherited.paths.logs_dir / f"{name}.log",
         intercept=Intercept(intercept.get("mode", Intercept.ENDPOINT.value)),
         no_proxy=tuple(intercept.get("no_proxy", ())),
@@ -261,8 +301,14 @@ def _health(fields: Mapping[str, Any], timing: Mapping[str, Any]) -> HealthCheck
     """The agent's probe: the legacy default (tcp on health_check_port, else port, else
     none) with whatever the native `health` block says laid over it."""
     block = fields.get("health", {})
-    port = block.get("port") or fields.get("health_check_port") or fields.get("port")
+    main, health_port = fields.get("port"), fields.get("health_check_port")
+    port = block.get("port") or health_port or main
     kind = ProbeKind(block.get("type", "tcp" if port else "none"))
+    # A probe derived from the legacy fields alone falls back to the main port when
+    # nothing listens on the health port: the old launcher's readiness test, and the only
+    # one that fits the agents that name a health_check_port without serving one.
+    derived = "port" not in block and "type" not in block
+    fallback = main if derived and health_port and main and main != health_port else None
     agent_host = fields.get("host", "")
     command = block.get("command", ())
     overrides = {k: block[k] for k in _PROBE_FIELDS if k in block}
@@ -270,9 +316,47 @@ def _health(fields: Mapping[str, Any], timing: Mapping[str, Any]) -> HealthCheck
         kind=kind,
         host=block.get("host") or (_LOOPBACK if agent_host in _WILDCARD_HOSTS else agent_host),
         port=port,
+        fallback_port=fallback,
         command=tuple(shlex.split(command) if isinstance(command, str) else command),
         **{**timing, **overrides},
     )
+
+
+def _evaluated(entry: validate.Entry, context: validate.Context) -> Mapping[str, Any]:
+    """The agent's fields with every port as its evaluated int (None where it could not
+    be evaluated: reported), and a legacy `startup_timeout` as the health block's
+    start_timeout_s (a native one wins): the builder below reads only native ints."""
+    fields = dict(entry.fields)
+    health = dict(fields.get("health", {}))
+    for key in validate.PORT_PATHS:
+        *parents, leaf = key
+        into = health if parents else fields
+        if leaf in into:
+            port = context.ports.get(entry.path + key)
+            into[leaf] = port.value if port is not None else None
+    if "startup_timeout" in fields:
+        health.setdefault("start_timeout_s", fields["startup_timeout"])
+    if health or "health" in fields:
+        fields["health"] = health
+    return fields
+
+
+def _expression(entry: validate.Entry, context: validate.Context, key: str) -> str | None:
+    port = context.ports.get(entry.path + (key,))
+    return port.expression if port is not None else None
+
+
+def _known(block: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The keys of a legacy block the model has (the others were warned about)."""
+    return {k: v for k, v in block.items() if k in names}
+
+
+def _own_restart(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The agent's native restart block over its legacy restart_policy, key by key."""
+    legacy_block = validate.legacy_restart_block(fields["restart_policy"]) if "restart_policy" in fields else {}
+    own = _restart_block(fields.get("restart"))
+    return {**legacy_block, **own,
+            "backoff": {**legacy_block.get("backoff", {}), **own.get("backoff", {})}}
 
 
 def _restart_block(value: str | Mapping[str, Any] | None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from sidecar.config import SidecarSettings, UpstreamPolicy
 
@@ -76,6 +76,11 @@ class HealthCheck:
     kind: ProbeKind
     host: str = "127.0.0.1"
     port: int | None = None
+    # tcp only: the agent's main port, tried when nothing listens on `port` (connection
+    # refused). Set only for a probe derived from the legacy fields: the old launcher
+    # judged readiness by a connect to the main port, and about 29 of the fleet's agents
+    # name a health_check_port without serving one.
+    fallback_port: int | None = None
     path: str = "/health"  # http only
     status: int = 200  # http only: the status that means healthy
     command: tuple[str, ...] = ()  # exec only: exit 0 means healthy
@@ -133,8 +138,13 @@ class AgentSpec:
     argv: tuple[str, ...]  # resolved command line (interpreter + absolute script + args)
     cwd: Path
     script_path: Path | None  # absolute, None for a native `command:` agent
+    # Evaluated once, at load (see config/ports.py): everything uses these ints. The
+    # expressions as written (`"${PORT_OFFSET}+7200"`), None for a plain number, are kept
+    # for status and messages.
     port: int | None = None
     health_check_port: int | None = None
+    port_expression: str | None = None
+    health_check_port_expression: str | None = None
     host: str = "0.0.0.0"
     required: bool = False
     dependencies: tuple[str, ...] = ()
@@ -142,6 +152,10 @@ class AgentSpec:
     # env_vars after global_settings.environment is merged under them, values still
     # templates: ${NAME} placeholders are filled at spawn, never stored expanded.
     env: Mapping[str, str] = field(default_factory=dict)
+    # The ${NAME} of env that are secrets (decided once, at load: a name in the secret
+    # store); every other ${NAME} is the supervisor's environment. Spawn, rotation and
+    # validation all read this, so a ${PYTHONPATH} is never looked for as a secret.
+    secret_names: tuple[str, ...] = ()
     health: HealthCheck = field(default_factory=lambda: HealthCheck(ProbeKind.NONE))
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     limits: ResourceLimits = field(default_factory=ResourceLimits)
@@ -174,6 +188,15 @@ class HostConfig:
     # The file's own `upstreams:` and `sidecar:` blocks, as validated: what the sidecar
     # is given to read (it parses them with the same parser).
     traffic_source: Mapping[str, Any] = field(default_factory=dict)
+    # The overlay files laid over `source` (absolute, in order; see config/overlay.py): a
+    # reload re-reads the same set.
+    overlays: tuple[Path, ...] = ()
+    # Why project_root is what it is, for `validate` and the log: set in a file, inferred
+    # from the legacy layout (<root>/main_pc_code/config/), or the file's folder.
+    project_root_reason: str = ""
+    # What validation said without failing the file (severity WARNING), in file order:
+    # `run` logs each once.
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def sidecar_enabled(self) -> bool:
@@ -189,26 +212,50 @@ class HostConfig:
         raise KeyError(name)
 
 
+# A Problem's severity. An error stops `run` and `reload` and fails `validate`; a warning
+# is said (validate prints it, run logs it once) and never changes what happens: the file
+# works as it is, e.g. a legacy key agentvisor has no use for.
+ERROR = "error"
+WARNING = "warning"
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a config, with where it is."""
+    """One thing wrong with a config, or (severity WARNING) worth saying about it, with
+    where it is."""
 
     file: str
     line: int | None  # 1-based, None when not known
     location: str  # e.g. "pc2_services[3].port"
     agent: str | None
     message: str
+    severity: str = ERROR
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity != WARNING
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
         who = f" ({self.agent})" if self.agent else ""
         loc = f" {self.location}{who}:" if self.location else (f"{who}:" if who else "")
-        return f"{where}:{loc} {self.message}"
+        prefix = "warning: " if self.severity == WARNING else ""
+        return f"{prefix}{where}:{loc} {self.message}"
+
+
+def errors(problems: Iterable[Problem]) -> list[Problem]:
+    """The problems that stop a config from being used."""
+    return [p for p in problems if p.is_error]
+
+
+def warnings(problems: Iterable[Problem]) -> list[Problem]:
+    """The problems that are only said."""
+    return [p for p in problems if not p.is_error]
 
 
 class ConfigError(Exception):
-    """Every problem found in one load, raised together. Only the CLI turns it into an
-    exit code."""
+    """Every error found in one load, raised together (warnings are not errors and are
+    not in it). Only the CLI turns it into an exit code."""
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems

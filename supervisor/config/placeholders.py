@@ -1,9 +1,13 @@
-"""`${...}` placeholders in env values: how a secret or an upstream reaches an agent.
+"""`${...}` placeholders in env values: how a secret, a variable of the supervisor's
+environment or an upstream reaches an agent.
 
-`${NAME}` is a secret, filled from its file at spawn so that it never sits in a config
-file or in argv; `${upstream:NAME}` is the sidecar's local listener for a declared
-upstream. `$${` is a literal `${`. Templates are stored unexpanded in the model and
-expanded only at spawn, so the one parser here serves both validation and spawning.
+`${NAME}` is a secret when the name is in the secret store (filled from its file at
+spawn so that it never sits in a config file or in argv), else the supervisor's
+environment, as the legacy files mean `PYTHONPATH: '${PYTHONPATH}:${PWD}/..'`; which one
+is decided once, at load (validate.SecretStore, AgentSpec.secret_names).
+`${upstream:NAME}` is the sidecar's local listener for a declared upstream. `$${` is a
+literal `${`. Templates are stored unexpanded in the model and expanded only at spawn,
+so the one parser here serves both validation and spawning.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ def _parse(inner: str) -> tuple[str | None, str]:
 
 
 def find(template: str) -> list[tuple[str | None, str]]:
-    """Every placeholder in `template` as (kind, name): kind None for a secret, "upstream"
-    for an upstream, and any other kind as written, so that validation can flag it."""
+    """Every placeholder in `template` as (kind, name): kind None for a secret or a
+    variable of the environment, "upstream" for an upstream, and any other kind as
+    written, so that validation can flag it."""
     return [_parse(m.group(1)) for m in _TOKEN.finditer(template) if m.group(1) is not None]
 
 

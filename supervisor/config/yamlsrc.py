@@ -13,7 +13,7 @@ never deeper or larger than a real config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,22 +42,36 @@ class Malformed(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    """Parsed data plus where each value sits in the file."""
+    """Parsed data plus where each value sits: its line, and its file when the data was
+    composed from several (a legacy file and its overlays, see `overlay.compose`)."""
 
-    file: str
+    file: str  # the file asked for; every path not in `files` comes from it
     data: Any
     lines: Mapping[PathKey, int]
     problems: tuple[Problem, ...] = ()  # found while parsing: duplicate keys
+    files: Mapping[PathKey, str] = field(default_factory=dict)  # a path's file, if not `file`
+    layers: tuple[str, ...] = ()  # the files composed, base first; () means just `file`
 
-    def line(self, path: PathKey) -> int | None:
-        # A missing key has no line of its own: point at the nearest thing that exists.
+    def origin(self, path: PathKey) -> tuple[str, int | None]:
+        """(file, line) of the value at path. A missing key has no line of its own: the
+        nearest thing that exists stands for it, in the file that thing came from."""
         for n in range(len(path), -1, -1):
             if path[:n] in self.lines:
-                return self.lines[path[:n]]
-        return None
+                return self.files.get(path[:n], self.file), self.lines[path[:n]]
+        return self.file, None
 
-    def problem(self, path: PathKey, agent: str | None, message: str) -> Problem:
-        return Problem(self.file, self.line(path), location(path), agent, message)
+    def line(self, path: PathKey) -> int | None:
+        return self.origin(path)[1]
+
+    def problem(self, path: PathKey, agent: str | None, message: str, **fields: Any) -> Problem:
+        """A Problem at the file and line of `path`; `fields` are Problem's further ones."""
+        file, line = self.origin(path)
+        return Problem(file, line, location(path), agent, message, **fields)
+
+    @property
+    def base(self) -> str:
+        """The file the others are laid over: the legacy file, for an overlay."""
+        return self.layers[0] if self.layers else self.file
 
 
 def location(path: PathKey) -> str:

@@ -3,6 +3,10 @@
 Each takes the supervisor and the request and returns the reply's fields; failures are
 exceptions that `dispatch` turns into `{"ok": false, "error": ...}`. The CLI in
 `supervisor/cli.py` is the user-facing side of each.
+
+`start`, `stop` and `restart` act on one agent (`"name"`, reply `"agent"`: its status
+row) or on every agent of a group (`"group"`, the old launcher's --group; reply
+`"group"` and `"agents"`, a row each).
 """
 
 from __future__ import annotations
@@ -10,10 +14,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from supervisor.config import ConfigError, ConfigUnreadable
-from supervisor.policy.lifecycle import AT_REST, State
 from supervisor.traffic import ListenerError
 
 if TYPE_CHECKING:
+    from supervisor.agent import Agent
     from supervisor.daemon import Supervisor
 
 Command = Callable[["Supervisor", dict], Awaitable[dict]]
@@ -29,29 +33,40 @@ async def status(sup: "Supervisor", req: dict) -> dict:
 
 
 async def start(sup: "Supervisor", req: dict) -> dict:
-    """Start an agent (clears FATAL) and wait until it is RUNNING or gives up."""
-    agent = sup.agent(req.get("name", ""))
-    agent.start()
-    timeout = agent.spec.health.start_timeout_s + START_WAIT_SLACK_S
-    await agent.wait_for(
-        lambda a: a.state is State.RUNNING or (a.state in AT_REST and not a.wants_running),
-        timeout,
-    )
-    return {"agent": agent.status()}
+    """Start an agent, or a group's agents in dependency order (clears FATAL), and wait
+    until each is RUNNING, has given up, or is blocked by a dependency that needs an
+    operator."""
+    agents = _targets(sup, req)
+    for agent in agents:
+        agent.start()
+    await sup.wait_settled(agents, sup.start_timeout_s(agents) + START_WAIT_SLACK_S)
+    return _reply(req, agents)
 
 
 async def stop(sup: "Supervisor", req: dict) -> dict:
-    """Stop an agent and every process it forked; returns once they are gone."""
-    agent = sup.agent(req.get("name", ""))
-    await agent.stop(by_operator=True)
-    return {"agent": agent.status()}
+    """Stop an agent, or a group's agents dependants first, and every process they
+    forked; returns once they are gone."""
+    agents = _targets(sup, req)
+    await sup.stop_by_operator(agents)
+    return _reply(req, agents)
 
 
 async def restart(sup: "Supervisor", req: dict) -> dict:
     """Stop, then start and wait until RUNNING."""
-    agent = sup.agent(req.get("name", ""))
-    await agent.stop(by_operator=True)
+    await stop(sup, req)
     return await start(sup, req)
+
+
+def _targets(sup: "Supervisor", req: dict) -> list["Agent"]:
+    if "group" in req:
+        return sup.group(req["group"])
+    return [sup.agent(req.get("name", ""))]
+
+
+def _reply(req: dict, agents: list["Agent"]) -> dict:
+    if "group" in req:
+        return {"group": req["group"], "agents": [a.status() for a in agents]}
+    return {"agent": agents[0].status()}
 
 
 async def logs(sup: "Supervisor", req: dict) -> dict:

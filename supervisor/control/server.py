@@ -53,7 +53,10 @@ class ControlServer:
                 raise ControlError(
                     f"another supervisor is already running with control socket {self.path}"
                 )
-            self.path.unlink()  # stale, left by a supervisor that died
+            # Stale, left by a supervisor that died. Safe to remove: only a Supervisor
+            # starts this server, and it holds the runtime directory's lock
+            # (runtime_lock.py), so no other supervisor can be serving on this path.
+            self.path.unlink()
         # Create it private, then widen to the group if one is configured: there is no
         # window in which others could connect.
         old = os.umask(0o177)

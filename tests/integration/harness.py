@@ -91,7 +91,10 @@ class Fleet:
              str(self.config_path),
              "--log-level", "debug"],
             cwd=ROOT, stdout=self._stderr, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            # `run` honours $AGENTVISOR_RUNTIME_DIR over the config's runtime_dir: one
+            # exported in the shell running the tests must not move this supervisor.
+            env={**{k: v for k, v in os.environ.items() if k != "AGENTVISOR_RUNTIME_DIR"},
+                 **(env or {})},
         )
         if wait_socket:
             # Answering, not merely present: a supervisor killed before leaves its socket.

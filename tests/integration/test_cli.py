@@ -2,6 +2,7 @@
 messages, logs -f, and FATAL's timed retry."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -73,7 +74,8 @@ def test_validate_malformed_yaml_gives_line_and_column_and_unreadable_exits_2(tm
     assert out.returncode == 2 and "cannot read" in out.stderr
 
 
-def test_validate_flags_a_port_already_listening_on_this_machine(tmp_path):
+def test_validate_warns_about_a_port_already_listening_on_this_machine(tmp_path):
+    # Only that agent will fail to start: said, not failed.
     (tmp_path / "a.py").write_text("")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,13 +84,25 @@ def test_validate_flags_a_port_already_listening_on_this_machine(tmp_path):
         cfg = tmp_path / "host.yaml"
         cfg.write_text(f"pc2_services:\n  - {{name: Svc, script_path: a.py, port: {port}}}\n")
         out = run_cli("validate", str(cfg))
-        assert out.returncode == 1 and f"{port}" in out.stdout and "already listening" in out.stdout
-        assert run_cli("validate", "--offline", str(cfg)).returncode == 0
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.startswith(f"warning: {cfg}:2: pc2_services[0].port (Svc): {port} is "
+                                     "already listening on this machine")
+        assert "this agent will fail to start until it is freed" in out.stdout
+        offline = run_cli("validate", "--offline", str(cfg))
+        assert offline.returncode == 0 and offline.stdout == ""
 
 
-def test_validate_accepts_the_shipped_configs():
-    out = run_cli("validate", "config/demo/demo.yaml")
+def test_validate_accepts_the_shipped_demo_as_an_operator_adopts_it():
+    """The demo's legacy file unchanged plus its overlay: valid, with warnings for what
+    agentvisor ignores, and the project root found from the legacy layout."""
+    demo = "config/demo/main_pc_code/config/"
+    legacy = ["validate", demo + "startup_config.yaml", "--overlay", demo + "agentvisor.yaml"]
+    # Its PYTHONPATH: '${PYTHONPATH}:${PWD}/..' reads the supervisor's environment, as
+    # demo.sh (and the deployed unit's environment file) provide it.
+    out = run_cli_env({"PYTHONPATH": ""}, *legacy)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert "warning:" in out.stdout and "health_checks" in out.stdout
+    assert "project root: " in out.stderr and "config/demo" in out.stderr
 
 
 def test_logs_follow_prints_lines_as_the_agent_writes_them(fleet):
@@ -142,4 +156,55 @@ def test_validate_warns_about_l7_keys_on_a_tcp_upstream_and_still_passes(tmp_pat
     assert f"warning: {config}:6: upstreams.Zmq.retry: ignored" in out.stdout
     out = run_cli("validate", "--offline", "--json", str(config))
     [report] = json.loads(out.stdout)
-    assert report["problems"] == [] and len(report["warnings"]) == 1
+    assert (report["errors"], report["warnings"]) == (0, 1)
+    assert [p["severity"] for p in report["problems"]] == ["warning"]
+
+
+LEGACY = """\
+global_settings:
+  environment: {PYTHONPATH: '${PYTHONPATH}:${PWD}/..'}
+  performance_tuning: {batch_size: 8}
+docker_groups: {core: [ServiceRegistry]}
+agent_groups:
+  core_services:
+    ServiceRegistry:
+      script_path: a.py
+      port: "${PORT_OFFSET}+7200"
+      health_check_port: 8200
+      startup_timeout: 30
+      restart_policy: on_failure
+      feature_flags: [registry_v2]
+"""
+
+
+def test_validate_a_legacy_file_exits_0_with_warnings_and_1_with_strict(tmp_path):
+    (tmp_path / "a.py").write_text("")
+    cfg = tmp_path / "startup_config.yaml"
+    cfg.write_text(LEGACY)
+    env = {"PYTHONPATH": "/opt/lib"}
+    out = run_cli_env(env, "validate", "--offline", str(cfg))
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"warning: {cfg}:") for line in lines), lines
+    assert f"{cfg}: valid, 3 warnings" in out.stderr
+    [report] = json.loads(run_cli_env(env, "validate", "--offline", "--json", str(cfg)).stdout)
+    assert (report["errors"], report["warnings"]) == (0, 3)
+    assert {p["severity"] for p in report["problems"]} == {"warning"}
+    assert report["problems"][0]["location"] == "global_settings.performance_tuning"
+    strict = run_cli_env(env, "validate", "--offline", "--strict", str(cfg))
+    assert strict.returncode == 1
+    assert f"{cfg}: 3 errors" in strict.stderr
+    assert not any(line.startswith("warning:") for line in strict.stdout.splitlines())
+    # A typo of a known key is an error without --strict.
+    cfg.write_text(LEGACY.replace("startup_timeout", "startup_timout"))
+    typo = run_cli_env(env, "validate", "--offline", str(cfg))
+    assert typo.returncode == 1
+    assert "unknown key 'startup_timout'; did you mean 'startup_timeout'?" in typo.stdout
+    assert "Traceback" not in typo.stdout + typo.stderr
+
+
+def run_cli_env(env: dict, *args):
+    """run_cli with `env` laid over this process's environment."""
+    return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})

@@ -59,6 +59,39 @@ def test_unresolvable_host_fails_instead_of_raising():
     assert "no-such-host.invalid" in result.detail or result.detail == "timed out after 5 s"
 
 
+# --- tcp with the main-port fallback (legacy agents without a health server) --------
+
+
+def test_nothing_on_the_health_port_falls_back_to_the_main_port_until_it_opens():
+    health = closed_port()
+    with socket.create_server(("127.0.0.1", 0)) as main:
+        m = main.getsockname()[1]
+        check = HealthCheck(ProbeKind.TCP, port=health, fallback_port=m, timeout_s=2)
+        assert run(check) == ProbeResult(
+            True, f"connected to 127.0.0.1:{m} (main port; nothing listens on health port "
+                  f"{health})", via=m)
+        # The agent opens its health port later: from then on that is what counts.
+        with socket.create_server(("127.0.0.1", health)):
+            assert run(check) == ProbeResult(True, f"connected to 127.0.0.1:{health}")
+
+
+def test_a_health_port_held_by_another_process_that_accepts_is_not_the_fallback_case():
+    # Whoever accepts on the health port answers the probe; the main port is not asked.
+    with socket.create_server(("127.0.0.1", 0)) as stranger:
+        health = stranger.getsockname()[1]
+        main = closed_port()
+        result = run(HealthCheck(ProbeKind.TCP, port=health, fallback_port=main, timeout_s=2))
+    assert result == ProbeResult(True, f"connected to 127.0.0.1:{health}")
+
+
+def test_both_ports_refused_names_both():
+    health, main = closed_port(), closed_port()
+    result = run(HealthCheck(ProbeKind.TCP, port=health, fallback_port=main, timeout_s=2))
+    assert result == ProbeResult(
+        False, f"connection refused on 127.0.0.1:{main} (main port), connection refused on "
+               f"127.0.0.1:{health} (health port)")
+
+
 # --- http ------------------------------------------------------------------------
 
 

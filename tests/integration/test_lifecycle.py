@@ -256,9 +256,10 @@ def test_an_agent_waiting_for_a_failed_dependency_says_so_and_stops_at_once(flee
     ]})
     fleet.start()
     fleet.wait_state("Broken", "FATAL")
-    row = fleet.agent("Dependant")
+    row = wait_until(lambda: (lambda r: r if r["reason"].startswith("blocked") else None)(
+        fleet.agent("Dependant")), 5, "the dependant to say it is blocked")
     assert row["state"] == "STOPPED" and row["pid"] is None
-    assert row["reason"] == "waiting for Broken"
+    assert row["reason"] == f"blocked: dependency Broken is FATAL ({fleet.agent('Broken')['reason']})"
     out = fleet.cli("stop", "Dependant", timeout_s=10)
     assert out.returncode == 0, out.stdout + out.stderr
     assert fleet.stop(timeout_s=10) == 0

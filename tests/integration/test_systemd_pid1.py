@@ -15,8 +15,9 @@ asked for it and nothing else; reload applies a good config and refuses a bad on
 without touching the agents; a killed supervisor is restarted with its orphans gone
 (KillMode=mixed); a wedged one is caught by the watchdog; a broken config fails the start
 with the reason in its log; stop runs agents down in reverse dependency order, sidecar
-last, and leaves the unit inactive with /run/agentvisor gone; after a crash,
-ExecStopPost= removes the transparent redirects.
+last, and leaves the unit inactive with nothing of it left in /run/agentvisor; after a
+crash, ExecStopPost= removes the transparent redirects; a second instance on the same
+machine refuses to start and leaves the first one's agents and control socket alone.
 
 Skipped, with the reason, where this cannot run: not root, no unshare/nsenter, no
 systemd binary, a machine that systemd already runs, or a systemd that does not reach
@@ -247,14 +248,49 @@ def test_stop_runs_the_fleet_down_in_reverse_order_and_cleans_up(fleet):
     assert not any(fleet.machine.alive(pid) for pid in pids.values())
     unit = fleet.show("ActiveState", "Result")
     assert unit == {"ActiveState": "inactive", "Result": "success"}, unit
-    # RuntimeDirectoryPreserve=no: no stale control socket for the next start.
-    assert fleet.machine.run("test", "-e", "/run/agentvisor", check=False).returncode != 0
+    # Nothing that describes the stopped processes is left for the next start (the
+    # folder itself stays: RuntimeDirectoryPreserve=yes, see the unit).
+    for left in ("control.sock", "agents.json"):
+        assert fleet.machine.run("test", "-e", f"/run/agentvisor/{left}",
+                                 check=False).returncode != 0, left
     # What `journalctl -u` shows of this stop: each agent once, the sidecar last, so the
     # agents' last calls still had it.
     last_run = fleet.log().rsplit("shutting down:", 1)[-1]
     stopped = re.findall(r"INFO agentvisor\.agent: (\S+): stopped, exited with status 0",
                          last_run)
     assert stopped == ["Api", "Store", "sidecar"], last_run
+
+
+def test_a_second_instance_refuses_and_leaves_the_first_alone(fleet):
+    # `systemctl start agentvisor@other` on a PC that runs agentvisor@fleet: both would
+    # use /run/agentvisor (the default runtime dir). The second refuses, and neither it
+    # nor systemd touches anything of the first: agents, control socket, unit.
+    machine, second = fleet.machine, "agentvisor@second.service"
+    (fleet.dir / "second.yaml").write_text(fleet.config.read_text())
+    main_pid = int(fleet.show("MainPID")["MainPID"])
+    agents = fleet.pids()
+
+    def socket_inode() -> str:
+        return machine.run("stat", "-c", "%i", "/run/agentvisor/control.sock").stdout
+
+    inode = socket_inode()
+    try:
+        started = machine.run("systemctl", "start", second, check=False)
+        assert started.returncode != 0
+        assert (f"agentvisor: a supervisor (pid {main_pid}) is already running on "
+                "/run/agentvisor; not starting") in fleet.log()
+        # Each of its restarts (Restart=on-failure) is refused the same way; stopped,
+        # it is gone, and systemd removed nothing the first one needs.
+        machine.run("systemctl", "stop", second, check=False)
+        assert socket_inode() == inode
+        status = fleet.status()
+        assert status["state"] == "ok" and status["pid"] == main_pid, status
+        assert fleet.pids() == agents
+        assert fleet.show("ActiveState", "MainPID") == \
+            {"ActiveState": "active", "MainPID": str(main_pid)}
+    finally:
+        machine.run("systemctl", "stop", second, check=False)
+        machine.run("systemctl", "reset-failed", second, check=False)
 
 
 def test_a_broken_config_fails_the_start_with_the_reason(host):

@@ -47,7 +47,11 @@ def write(folder: Path, text: str, scripts: tuple[str, ...] = ()) -> Path:
 
 
 def problems(path: Path, **kw) -> list[str]:
+    """Errors and warnings (a warning's starts with "warning: "), in file order. The
+    supervisor's environment is empty unless a test gives one: ${NAME} and port
+    expressions must not depend on the shell the tests run in."""
     kw.setdefault("check_machine", False)
+    kw.setdefault("environ", {})
     return [str(p) for p in validate_file(path, **kw)[1]]
 
 
@@ -268,7 +272,8 @@ def test_empty_file(tmp_path):
     [
         ("port: 70000", "pc2_services[0].port (A): 70000 is greater than the maximum of 65535"),
         ("port: 80", "pc2_services[0].port (A): 80 is less than the minimum of 1024"),
-        ("port: '7100'", "pc2_services[0].port (A): '7100' is not of type 'integer'"),
+        ("port: '7100abc'", 'pc2_services[0].port (A): "7100abc" is not a port: write a number (7200), "${VAR}", "${VAR}+N" or "N+${VAR}"'),
+        ("port: 7100.5", "pc2_services[0].port (A): 7100.5 is not of type 'integer', 'string'"),
         ("prot: 7100", "pc2_services[0].prot (A): unknown key 'prot'; did you mean 'port'?"),
         ("env_vars: {DEBUG: 1}", "pc2_services[0].env_vars.DEBUG (A): 1 is not of type 'string'"),
         ("dependencies: B", "pc2_services[0].dependencies (A): 'B' is not of type 'array'"),
@@ -276,7 +281,8 @@ def test_empty_file(tmp_path):
         ("restart: {backoff: {jitter: 2}}", "pc2_services[0].restart.backoff.jitter (A): 2 is greater than the maximum of 1"),
         ("health: {type: exec}", "pc2_services[0].health (A): 'command' is a required property"),
         ("health: {type: http, path: health, port: 8100}", "pc2_services[0].health.path (A): must start with /"),
-        ("resource_limits: {memory: 10}", "pc2_services[0].resource_limits.memory (A): unknown key 'memory'; did you mean 'memory_mb'?"),
+        ("resource_limits: {memroy_mb: 10}", "pc2_services[0].resource_limits.memroy_mb (A): unknown key 'memroy_mb'; did you mean 'memory_mb'?"),
+        ("dependancies: []", "pc2_services[0].dependancies (A): unknown key 'dependancies'; did you mean 'dependencies'?"),
         ("config: [1]", "pc2_services[0].config (A): expected object, got array"),
     ],
 )
@@ -336,7 +342,8 @@ def test_missing_script_names_the_path_it_looked_for(tmp_path):
     path = write(tmp_path, PC2, PC2_SCRIPTS[:1])
     assert one_problem(path) == (
         f"{path}:9: pc2_services[1].script_path (ResourceManager): no such file: "
-        f"{tmp_path}/pc2_code/agents/resource_manager.py (script_path is relative to project_root {tmp_path})"
+        f"{tmp_path}/pc2_code/agents/resource_manager.py (script_path is relative to project_root {tmp_path}; "
+        f"also tried {tmp_path}/main_pc_code/pc2_code/agents/resource_manager.py)"
     )
 
 
@@ -391,13 +398,17 @@ def listener():
     sock.close()
 
 
-def test_port_already_listening_names_the_process(tmp_path, listener):
+def test_port_already_listening_is_a_warning_naming_the_process(tmp_path, listener):
+    # Only that agent will fail to start (and the holder may be gone by then): the host's
+    # config stays usable.
     path = write(tmp_path, f"pc2_services:\n  - {{name: A, command: [a], port: {listener}}}\n")
     me = psutil.Process().name()
     assert one_problem(path, check_machine=True) == (
-        f"{path}:2: pc2_services[0].port (A): {listener} is already listening on this machine "
-        f"(pid {os.getpid()}, {me})"
+        f"warning: {path}:2: pc2_services[0].port (A): {listener} is already listening on this "
+        f"machine (pid {os.getpid()}, {me}): this agent will fail to start until it is freed"
     )
+    config = load(path, check_machine=True)
+    assert [w.severity for w in config.warnings] == ["warning"]
     assert problems(path, check_machine=True, exclude_pids=frozenset({os.getpid()})) == []
     assert problems(path, check_machine=False) == []
 
@@ -478,19 +489,25 @@ def test_placeholders_must_be_declared(tmp_path):
         """)
     assert problems(path) == [
         f"{path}:9: pc2_services[0].env_vars.NATS_PASSWORD (A): ${{NATS_PASWORD}}: 'NATS_PASWORD' "
-        "is not in secrets.names (NATS_PASSWORD)",
+        "is neither in the secret store (looked in secrets.names (NATS_PASSWORD)) nor set in the "
+        "supervisor's environment; put it in the secret store: `agentvisor secrets seal "
+        "NATS_PASWORD` into secrets.sealed_dir, a file NATS_PASWORD in secrets.dir, or systemd's "
+        "LoadCredential=NATS_PASWORD:FILE, or set it in the supervisor's environment (e.g. "
+        "Environment= in its systemd unit)",
         f"{path}:10: pc2_services[0].env_vars.OBS_HUB_URL (A): ${{upstream:EdgeHub}}: 'EdgeHub' "
         "is not in upstreams (ObservabilityHub)",
         f"{path}:11: pc2_services[0].env_vars.ODD (A): ${{vault:NATS_PASSWORD}}: unknown placeholder kind "
-        "'vault'; use ${NAME} for a secret or ${upstream:NAME}",
+        "'vault'; use ${NAME} for a secret or a variable of the supervisor's environment, or "
+        "${upstream:NAME}",
     ]
 
 
 def test_placeholders_in_global_environment(tmp_path):
     path = write(tmp_path, 'global_settings:\n  environment: {NATS_PASSWORD: "${NATS_PASSWORD}"}\n')
-    assert one_problem(path) == (
+    assert one_problem(path).startswith(
         f"{path}:2: global_settings.environment.NATS_PASSWORD: ${{NATS_PASSWORD}}: 'NATS_PASSWORD' "
-        "is not in secrets.names (none declared)"
+        "is neither in the secret store (looked in secrets.names (none declared)) nor set in the "
+        "supervisor's environment"
     )
 
 
@@ -690,9 +707,7 @@ def test_impossible_addresses_are_problems(tmp_path):
     assert not [p for p in found if "FreePort" in p or "proxy_listen" in p]
 
 
-def test_l7_keys_on_a_tcp_upstream_are_warnings_not_problems(tmp_path):
-    from supervisor.config import validate, yamlsrc
-
+def test_l7_keys_on_a_tcp_upstream_are_warnings_not_errors(tmp_path):
     text = dedent("""\
         upstreams:
           ZmqHub:
@@ -706,14 +721,13 @@ def test_l7_keys_on_a_tcp_upstream_are_warnings_not_problems(tmp_path):
             request_timeout_s: 5
         """)
     path = write(tmp_path, text)
-    assert problems(path) == []
-    warnings = [str(w) for w in validate.upstream_warnings(yamlsrc.parse(text, str(path)))]
-    assert warnings == [
-        f"{path}:4: upstreams.ZmqHub.request_timeout_s: ignored: only protocol: http "
+    assert problems(path) == [
+        f"warning: {path}:4: upstreams.ZmqHub.request_timeout_s: ignored: only protocol: http "
         "upstreams use request_timeout_s (this one is tcp)",
-        f"{path}:5: upstreams.ZmqHub.retry: ignored: only protocol: http upstreams use "
+        f"warning: {path}:5: upstreams.ZmqHub.retry: ignored: only protocol: http upstreams use "
         "retry (this one is tcp)",
     ]
+    assert len(load(path, check_machine=False).warnings) == 2
 
 
 def test_schema_and_sidecar_parser_know_the_same_upstream_keys():

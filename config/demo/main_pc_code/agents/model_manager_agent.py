@@ -6,7 +6,7 @@ import socket
 import sys
 import threading
 
-PORT = int(os.environ.get("AGENT_PORT", "17220"))
+PORT = int(os.environ.get("AGENT_PORT", "7220"))
 lifetime = random.uniform(8, 25)
 
 

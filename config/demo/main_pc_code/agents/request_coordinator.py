@@ -1,11 +1,13 @@
 """Demo agent: needs the registry at start-up (as the real one does) and then serves
-TCP on AGENT_PORT. Started before its dependency, it would crash: the supervisor's start
-order is what keeps it up."""
+TCP on AGENT_PORT. It has no health server although its entry names a health port (like
+a third of the fleet): it is ready when its main port accepts, as the old launcher
+judged. Started before its dependency, it would crash: the supervisor's start order is
+what keeps it up."""
 import os
 import socket
 import urllib.request
 
-PORT = int(os.environ.get("AGENT_PORT", "17210"))
+PORT = int(os.environ.get("AGENT_PORT", "7210"))
 REGISTRY = os.environ["REGISTRY_URL"]
 
 with urllib.request.urlopen(REGISTRY + "/agents", timeout=5) as r:  # fails if not up yet
