@@ -57,13 +57,21 @@ system-deps:
 bench-deps:
 	$(call ensure_debs,$(BENCH_DEBS))
 
-# One PC under systemd, as root: `make deploy HOST=mainpc` (or pc2; CONFIG=FILE for
-# another config; NATS=1 to run the PC's nats-server too). Unit, /etc/agentvisor/HOST.yaml
-# (kept if present), validate, start or reload, status: systemd/deploy.sh says each step.
+# One PC under systemd, as root. The PC's own legacy file, where it is and unchanged,
+# with agentvisor's settings in an overlay beside it (OVERLAY=FILE, default
+# agentvisor.yaml in the legacy file's folder):
+#   make deploy HOST=mainpc LEGACY=/opt/ai_system/main_pc_code/config/startup_config.yaml
+# names both in /etc/agentvisor/HOST.env, with the variables the legacy file's ${NAME}
+# read (PYTHONPATH=, ...): the unit's environment. Or a native config: `make deploy
+# HOST=mainpc` (config/HOST.yaml, or CONFIG=FILE, as /etc/agentvisor/HOST.yaml). Files in
+# /etc/agentvisor are kept if present (an operator's edit wins). NATS=1 runs the PC's
+# nats-server too. Validate (what the unit will run, with its environment), unit, start,
+# reload or restart, status: systemd/deploy.sh says each step.
 deploy: $(STAMP) $(COMPILED)
-	systemd/deploy.sh "$(HOST)" "$(CONFIG)" "$(NATS)"
+	systemd/deploy.sh "$(HOST)" "$(CONFIG)" "$(NATS)" "$(LEGACY)" "$(OVERLAY)"
 
-# The way back: stop and disable agentvisor@HOST; configs stay for the next deploy.
+# The way back: stop and disable agentvisor@HOST; /etc/agentvisor (HOST.yaml, HOST.env)
+# and the legacy file and overlay stay for the next deploy.
 undeploy:
 	systemd/deploy.sh --remove "$(HOST)"
 

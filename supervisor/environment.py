@@ -25,7 +25,7 @@ from typing import Mapping
 
 from supervisor import secrets
 from supervisor.config import placeholders
-from supervisor.config.validate import PWD
+from supervisor.config.validate import WORKING_DIR_VAR
 from supervisor.config.model import AgentSpec, HostConfig
 from supervisor import process
 from supervisor.process import SpawnError
@@ -85,7 +85,7 @@ def _from_environment(spec: AgentSpec, name: str, base: Mapping[str, str]) -> st
     for env in (base, os.environ):
         if name in env:
             return env[name]
-    if name == PWD:
+    if name == WORKING_DIR_VAR:
         return str(spec.cwd)
     raise SpawnError(f"${{{name}}} in its env_vars is not set in the supervisor's "
                      "environment any more (validation found it); set it and restart the "

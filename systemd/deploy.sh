@@ -144,63 +144,22 @@ unsafe_path() {
 # Classified by agentvisor's own config code, as `validate` does. Nothing when the files
 # cannot be read: validation says why, just after.
 placeholder_variables() {
-    "$root/.venv/bin/python" - "$@" <<'PY'
-import os
-import re
-import sys
-from pathlib import Path
-
-from supervisor.config import overlay, placeholders, ports, validate, yamlsrc
-
-legacy, *overlays = sys.argv[1:]
-try:
-    source = overlay.compose(legacy, overlays)
-except (OSError, UnicodeDecodeError, yamlsrc.Malformed):
-    sys.exit(0)
-data = source.data if isinstance(source.data, dict) else {}
-store = validate.secret_store(data, Path(legacy).absolute().parent, {})
-common = data.get("global_settings")
-environments = [(("global_settings", "environment"),
-                 common.get("environment") if isinstance(common, dict) else None)]
-entries = validate.agent_entries(data)
-environments += [(e.path + ("env_vars",), e.fields.get("env_vars")) for e in entries]
-uses: dict[str, list[tuple[str, int | None]]] = {}
-for path, env in environments:
-    for var, template in (env.items() if isinstance(env, dict) else ()):
-        if not isinstance(template, str):
-            continue
-        for kind, name in placeholders.find(template):
-            if kind is None and name != validate.PWD and name not in store:
-                secret = validate.credential_name(name) or validate.credential_name(var)
-                uses.setdefault(("!" if secret else "") + name, []).append(
-                    source.origin(path + (var,)))
-# PORT_OFFSET has a default (the overlay's port_offset, else 0): not needed here.
-for entry in entries:
-    for key in ("port", "health_check_port"):
-        written = entry.fields.get(key)
-        for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
-                               written if isinstance(written, str) else ""):
-            if name != ports.PORT_OFFSET:
-                uses.setdefault(name, []).append(source.origin(entry.path + (key,)))
-for name, where in uses.items():
-    places = list(dict.fromkeys(f"{os.path.basename(f)}:{line}" for f, line in where))
-    print(f"{name}\t{', '.join(places[:5])}{', ...' if len(places) > 5 else ''}")
-PY
+    "$root/.venv/bin/python" -m supervisor.config.envfile "$@"
 }
 
 # write_env_file DEST: HOST.env for LEGACY and OVERLAY, with its comments.
 write_env_file() {
     local name where variables
-    variables=$(placeholder_variables "$legacy" "$overlay")
+    variables=$(placeholder_variables "$legacy" "$overlay") || variables=""
     {
         cat <<EOF
-# The environment of $unit (EnvironmentFile= in agentvisor@.service).
-# Written by \`make deploy\` on $(date -u +%F), and kept as it is from then on: an edit
-# here wins over any later deploy (remove this file to have deploy write it again).
-# systemd reads it when the unit starts: after an edit, run \`make deploy\` again (it
-# restarts the unit when the running supervisor has other values) or
-# \`systemctl restart $unit\`. Plain NAME=VALUE lines; no credentials (they go in the
-# secret store: the overlay's secrets:, or LoadCredential= in the unit).
+# The environment of $unit (EnvironmentFile= in agentvisor@.service),
+# written by \`make deploy\` on $(date -u +%F). Deploy keeps it as it is from then on,
+# so an edit here wins (remove the file to have deploy write it again). systemd reads
+# it when the unit starts: after an edit, run \`make deploy\` again (it restarts the
+# unit when the running supervisor has other values) or \`systemctl restart $unit\`.
+# Plain NAME=VALUE lines. Never a password or token here: those go in the secret store
+# (the overlay's secrets:, or LoadCredential= in the unit).
 
 # The legacy file, run where it is and as it is (the old tools keep reading it), and
 # the overlay of agentvisor's settings laid over it. More overlays, applied in order:
@@ -214,17 +173,18 @@ AGENTVISOR_OVERLAYS=--overlay $overlay
 # '\${PYTHONPATH}:\${PWD}/..' gives ':<the agent's folder>/..' (\${PWD} is the agent's
 # working directory).
 PYTHONPATH=
+# PORT_OFFSET=N would shift every "\${PORT_OFFSET}+N" port; unset, the overlay's
+# port_offset (else 0) applies.
 EOF
         while IFS=$'\t' read -r name where; do
             case "$name" in
                 ''|PYTHONPATH) ;;
-                '!'*) printf '# %s (%s) is a credential: put it in the secret store, not here.\n' \
+                '!'*) printf '# ${%s} (%s) is a credential: the secret store, not here.\n' \
                           "${name#!}" "$where" ;;
-                *) printf '# Read by %s: set it.\n#%s=\n' "$where" "$name" ;;
+                *) printf '# ${%s} is read at %s: set it (validation fails until then).\n#%s=\n' \
+                          "$name" "$where" "$name" ;;
             esac
         done <<<"$variables"
-        echo "# PORT_OFFSET=N shifts every \"\${PORT_OFFSET}+N\" port; unset, the overlay's" \
-             "port_offset (else 0) applies."
     } > "$1.new"
     # Written beside, then renamed: systemd never reads half a file. Root's only: it
     # holds nothing secret, but nobody else needs it.
@@ -238,7 +198,9 @@ if [[ -n "$legacy" ]]; then
     legacy=$(realpath --no-symlinks -- "$legacy")
     overlay=$(realpath --no-symlinks -- "${overlay:-$(dirname "$legacy")/agentvisor.yaml}")
     step "config: $legacy, overlay $overlay (both stay where they are, unchanged)"
-    [[ -f "$legacy" && -r "$legacy" ]] || { echo "deploy: no file at $legacy (LEGACY=)" >&2; exit 2; }
+    [[ -f "$legacy" && -r "$legacy" ]] || {
+        echo "deploy: no file at $legacy (LEGACY=)" >&2
+        exit 2; }
     [[ -f "$overlay" && -r "$overlay" ]] || {
         echo "deploy: no overlay at $overlay: write agentvisor's settings for this PC there" \
              "(host:, secrets:, agents: ...; config/demo/main_pc_code/config/agentvisor.yaml" \
@@ -256,8 +218,8 @@ if [[ -n "$legacy" ]]; then
         echo "    kept as it is (remove it to have deploy write it again)"
     else
         write_env_file "$etc_env"
-        echo "    written: the two files, and PYTHONPATH= (set other variables the" \
-             "supervisor needs there)"
+        echo "    written: AGENTVISOR_CONFIG, AGENTVISOR_OVERLAYS, PYTHONPATH= and the" \
+             "variables to set; an edit there wins (kept from now on)"
     fi
 else
     step "config: $etc_config"
@@ -300,7 +262,7 @@ done
 read -r -a overlay_args <<<"$run_overlays" || true
 run_args=(--config "$run_config" ${overlay_args[@]+"${overlay_args[@]}"})
 if [[ -n "$legacy" ]] && { [[ "$run_config" != "$legacy" ]] ||
-        ! printf '%s\n' ${overlay_args[@]+"${overlay_args[@]}"} | grep -qxF -- "$overlay"; }; then
+        ! grep -qxF -- "$overlay" <<<"$(printf '%s\n' "${run_args[@]}")"; }; then
     # The kept file is the operator's word: say so rather than run something else.
     echo "deploy: $etc_env (kept: an operator's edit wins) has the unit run" \
          "'${run_args[*]}', not $legacy with --overlay $overlay: edit" \
@@ -321,10 +283,15 @@ step "validate: ${run_args[*]}${unit_env[*]+ (with $etc_env)}"
 validate=(env -i "$unit_path" "AGENTVISOR_CONFIG=$etc_config" ${unit_env[@]+"${unit_env[@]}"}
           "$agentvisor" validate)
 $running && validate+=(--offline)
-if ! "${validate[@]}" "$run_config" ${overlay_args[@]+"${overlay_args[@]}"}; then
-    if [[ -e "$etc_env" ]]; then
-        echo "deploy: not deployed. A variable of the supervisor's environment that a" \
-             "\${NAME} reads goes in $etc_env; a credential in the secret store" >&2
+valid=true
+problems=$("${validate[@]}" "$run_config" ${overlay_args[@]+"${overlay_args[@]}"}) || valid=false
+[[ -z "$problems" ]] || printf '%s\n' "$problems"
+if ! $valid; then
+    # validate's own advice is "Environment= in its systemd unit": under deploy, the
+    # place is HOST.env.
+    if [[ -e "$etc_env" ]] && grep -q "supervisor's environment" <<<"$problems"; then
+        echo "deploy: a variable of the supervisor's environment that a \${NAME} reads" \
+             "goes in $etc_env (a credential: in the secret store)" >&2
     fi
     exit 1
 fi
@@ -368,16 +335,17 @@ fi
 # not give it now (its command line, or a HOST.env value), one line each; nothing if
 # the same. Only these need a restart: a reload re-reads the files themselves.
 started_otherwise() {
-    local pid have
+    local pid have environ
     pid=$(systemctl show -p MainPID --value "$unit")
     [[ "$pid" =~ ^[1-9][0-9]*$ && -r "/proc/$pid/cmdline" ]] || return 0
+    environ=$(tr '\0' '\n' < "/proc/$pid/environ") || environ=""
     # Its arguments after `run` (the interpreter and the script come first).
     have=$(tr '\0' '\n' < "/proc/$pid/cmdline" | sed '1,/^run$/d')
     if [[ "$have" != "$(printf '%s\n' "${run_args[@]}")" ]]; then
         echo "it runs '$(paste -sd' ' <<<"$have")'; the unit now gives '${run_args[*]}'"
     fi
     for pair in ${unit_env[@]+"${unit_env[@]}"}; do
-        tr '\0' '\n' < "/proc/$pid/environ" | grep -qxF -- "$pair" ||
+        grep -qxF -- "$pair" <<<"$environ" ||
             echo "its ${pair%%=*} is not the one $etc_env sets"
     done
 }

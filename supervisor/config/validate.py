@@ -390,7 +390,7 @@ def dependency_problems(source: Source, entries: list[Entry]) -> list[Problem]:
 # ${PWD} with no PWD in the supervisor's environment (systemd sets none) is the agent's
 # working directory: the legacy files write `PYTHONPATH: '${PYTHONPATH}:${PWD}/..'`, meant
 # as "where the agent runs", which the old launcher's shell supplied.
-PWD = "PWD"
+WORKING_DIR_VAR = "PWD"
 # How a value gets into the secret store, for messages.
 _TO_STORE = ("`agentvisor secrets seal {name}` into secrets.sealed_dir, a file {name} in "
              "secrets.dir, or systemd's LoadCredential={name}:FILE")
@@ -400,7 +400,16 @@ def credential_name(name: str) -> bool:
     """Whether a variable's name says it holds a credential (NATS_PASSWORD, API_KEY,
     AUTH_TOKEN): `agentvisor scan`'s one classification of keys. PWD, which scan reads
     as a password, is the shell's working directory when it is the whole name."""
-    return name != PWD and key_kind(name) == "secret"
+    return name != WORKING_DIR_VAR and key_kind(name) == "secret"
+
+
+def environment_blocks(data: Any, entries: list[Entry]) -> list[tuple[PathKey, str | None, Any]]:
+    """Where ${...} placeholders may be written: (path, agent, the block as written) for
+    global_settings.environment and each agent's env_vars."""
+    blocks: list[tuple[PathKey, str | None, Any]] = [
+        (("global_settings", "environment"), None, _get(data, "global_settings", "environment"))]
+    blocks += [(e.path + ("env_vars",), e.name, e.fields.get("env_vars")) for e in entries]
+    return blocks
 
 
 def placeholder_problems(source: Source, entries: list[Entry], context: Context) -> list[Problem]:
@@ -410,9 +419,7 @@ def placeholder_problems(source: Source, entries: list[Entry], context: Context)
     plain text works, and is a warning saying how to move it to the store."""
     data = source.data if isinstance(source.data, dict) else {}
     upstreams = _names(data.get("upstreams"))
-    environments: list[tuple[PathKey, str | None, Any]] = [
-        (("global_settings", "environment"), None, _get(data, "global_settings", "environment"))]
-    environments += [(e.path + ("env_vars",), e.name, e.fields.get("env_vars")) for e in entries]
+    environments = environment_blocks(data, entries)
     problems = []
     from_environment: dict[str, list[tuple[PathKey, str | None]]] = {}
     # (line, message, severity) -> where: `env_vars: *common_env` gives many agents the
@@ -474,7 +481,7 @@ def _placeholder_problem(kind: str | None, name: str, context: Context, upstream
                          var: str) -> str | None:
     written = "${" + placeholders.key(kind, name) + "}"
     if kind is None:
-        if name in context.store or name in context.environ or name == PWD:
+        if name in context.store or name in context.environ or name == WORKING_DIR_VAR:
             return None
         store = f"put it in the secret store: {_TO_STORE.format(name=name)}"
         environment = "set it in the supervisor's environment (e.g. Environment= in its systemd unit)"

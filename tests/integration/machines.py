@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_UNIT = ROOT / "systemd" / "agentvisor@.service"
 INSTALLED_AGENTVISOR = "/opt/agentvisor/.venv/bin/agentvisor"
 INSTALLED_CONFIG = "/etc/agentvisor/%i.yaml"
+INSTALLED_ENV = "/etc/agentvisor/%i.env"  # the unit's optional EnvironmentFile=
 SYSTEMD = next((p for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
                 if os.access(p, os.X_OK)), None)
 AGENTVISOR = str(Path(sys.executable).parent / "agentvisor")
@@ -227,13 +228,15 @@ def _remove_tree(top: Path) -> bool:
 
 def install_unit(machine: Machine, config_dir: Path, log: Path, extra: str = "") -> None:
     """agentvisor@.service as shipped, with this checkout's binary and configs read from
-    config_dir/INSTANCE.yaml, plus a drop-in with what a host adds: the supervisor's
-    output appended to `log` (for failure messages) and `extra` [Service] lines."""
+    config_dir/INSTANCE.yaml (and its environment from config_dir/INSTANCE.env, if
+    any), plus a drop-in with what a host adds: the supervisor's output appended to
+    `log` (for failure messages) and `extra` [Service] lines."""
     text = SHIPPED_UNIT.read_text()
-    assert INSTALLED_AGENTVISOR in text and INSTALLED_CONFIG in text, \
+    assert all(path in text for path in (INSTALLED_AGENTVISOR, INSTALLED_CONFIG, INSTALLED_ENV)), \
         "the shipped unit's paths changed; update this rewrite"
     text = text.replace(INSTALLED_AGENTVISOR, AGENTVISOR)
     text = text.replace(INSTALLED_CONFIG, str(config_dir / "%i.yaml"))
+    text = text.replace(INSTALLED_ENV, str(config_dir / "%i.env"))
     (machine.units / "agentvisor@.service").write_text(text)
     dropin = machine.units / "agentvisor@.service.d"
     dropin.mkdir(exist_ok=True)
