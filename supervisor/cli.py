@@ -273,19 +273,11 @@ def _pids_of_running_supervisor() -> frozenset[int]:
 
 
 def cmd_cleanup(args) -> int:
-    from supervisor import runtime_lock
     from supervisor.daemon import clean_leftovers
 
-    runtime_dir = _runtime_dir(args.runtime_dir)
-    try:
-        lock = runtime_lock.acquire(runtime_dir)
-    except runtime_lock.AlreadyRunning as exc:
-        print(f"agentvisor: {exc} and owns what it started; nothing done", file=sys.stderr)
-        return EXIT_BAD
-    except OSError as exc:
-        print(f"agentvisor: cannot lock runtime directory {runtime_dir}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_USAGE
+    lock = _lock(_runtime_dir(args.runtime_dir), " and owns what it started; nothing done")
+    if isinstance(lock, int):
+        return lock
     with lock:
         done, problems = clean_leftovers(lock)
     if args.json:
@@ -297,8 +289,24 @@ def cmd_cleanup(args) -> int:
     return EXIT_BAD if problems else EXIT_OK
 
 
-def cmd_run(args) -> int:
+def _lock(runtime_dir: Path, refused: str, unlockable: str = ""):
+    """The runtime directory's lock, or an exit status once the refusal is printed:
+    `refused` follows the lock's own words (who holds it), `unlockable` an OS error."""
     from supervisor import runtime_lock
+
+    try:
+        return runtime_lock.acquire(runtime_dir)
+    except runtime_lock.AlreadyRunning as exc:
+        print(f"agentvisor: {exc}{refused}", file=sys.stderr)
+        return EXIT_BAD
+    except OSError as exc:
+        print(f"agentvisor: cannot lock runtime directory {runtime_dir}: "
+              f"{exc.strerror or exc}{unlockable}",
+              file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_run(args) -> int:
     from supervisor.control.server import ControlError
     from supervisor.paths import runtime_dir_override
 
@@ -318,15 +326,9 @@ def cmd_run(args) -> int:
         runtime_dir = config.runtime_dir
     # Before anything is touched (leftovers, the control socket, nftables): one
     # supervisor per runtime directory, and a second one leaves the first's alone.
-    try:
-        lock = runtime_lock.acquire(runtime_dir)
-    except runtime_lock.AlreadyRunning as exc:
-        print(f"agentvisor: {exc}; not starting", file=sys.stderr)
-        return EXIT_BAD
-    except OSError as exc:
-        print(f"agentvisor: cannot lock runtime directory {runtime_dir}: "
-              f"{exc.strerror or exc}; not starting", file=sys.stderr)
-        return EXIT_USAGE
+    lock = _lock(runtime_dir, "; not starting", "; not starting")
+    if isinstance(lock, int):
+        return lock
     with lock:  # held until the supervisor has stopped everything
         config = _load_for_run(args, {**overrides, "runtime_dir": lock.runtime_dir})
         if isinstance(config, int):
