@@ -69,7 +69,8 @@ _OK: Final = Outcome.OK  # read per request
 # own calls take up to the 10 s request timeout, so the buckets span both ends.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                      5, 10)
-_BOUNDS: Final = tuple([float(b) for b in LATENCY_BUCKETS_S])
+_FIRST_BOUND: Final = float(LATENCY_BUCKETS_S[0])
+_LATER_BOUNDS: Final = tuple([float(b) for b in LATENCY_BUCKETS_S[1:]])
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in LATENCY_BUCKETS_S) + ("+Inf",)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -88,8 +89,8 @@ class UpstreamStats:
     """Counters of one upstream. Keys are the enums' values (str): an Enum member's hash
     is a Python-level call, a str's is cached."""
 
-    __slots__ = ("upstream", "active", "ok", "not_ok", "buckets", "duration_sum", "failures",
-                 "retries", "retries_denied")
+    __slots__ = ("upstream", "active", "ok", "not_ok", "first_bucket", "later_buckets",
+                 "duration_sum", "failures", "retries", "retries_denied")
 
     def __init__(self, upstream: str):
         self.upstream = upstream
@@ -98,8 +99,11 @@ class UpstreamStats:
         # increment; the others a dict's). Read them all as `outcomes`.
         self.ok = 0
         self.not_ok: dict[str, int] = {o.value: 0 for o in Outcome if o is not Outcome.OK}
-        # Per-bucket (not cumulative) counts; the last one is +Inf.
-        self.buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        # Per-bucket (not cumulative) counts, read as `buckets`. The first bucket, where
+        # nearly every request lands, is an integer of its own (its += is native; a list
+        # item's is a generic add on boxed ints); the later ones end with +Inf.
+        self.first_bucket = 0
+        self.later_buckets = [0] * len(LATENCY_BUCKETS_S)
         self.duration_sum = 0.0
         self.failures: dict[tuple[str, str], int] = {}  # (endpoint, kind value) -> count
         self.retries = 0
@@ -111,15 +115,23 @@ class UpstreamStats:
             self.ok += 1
         else:
             self.not_ok[outcome._value_] += 1
-        # The first bucket whose bound is at or above the duration (le). Nearly every
-        # request takes under the first bound, so a scan from the bottom is one compare.
-        i = 0
-        for bound in _BOUNDS:
-            if duration_s <= bound:
-                break
-            i += 1
-        self.buckets[i] += 1
+        # The first bucket whose bound is at or above the duration (le).
+        if duration_s <= _FIRST_BOUND:
+            self.first_bucket += 1
+        else:
+            i = 0
+            for bound in _LATER_BOUNDS:
+                if duration_s <= bound:
+                    break
+                i += 1
+            later = self.later_buckets
+            later[i] = later[i] + 1  # typed: a native add (`+=` on an item is generic)
         self.duration_sum += duration_s
+
+    @property
+    def buckets(self) -> list[int]:
+        """Per-bucket (not cumulative) counts, one per LATENCY_BUCKETS_S bound and +Inf."""
+        return [self.first_bucket, *self.later_buckets]
 
     @property
     def outcomes(self) -> dict[str, int]:

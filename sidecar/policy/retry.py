@@ -46,35 +46,44 @@ class RetryBudget:
     and window_s seconds after it happened."""
 
     __slots__ = ("settings", "_bucket_s", "_reserve", "_current", "_deposits",
-                 "_withdrawals", "_deposited", "_withdrawn")
+                 "_withdrawals", "_deposited", "_withdrawn", "_current_deposits",
+                 "_current_withdrawals", "_current_from", "_current_until")
 
     def __init__(self, settings: RetrySettings):
         self.settings = settings
         self._bucket_s = settings.window_s / BUDGET_BUCKETS
         self._reserve = settings.min_per_s * settings.window_s + _EPSILON
         self._current = 0  # absolute index (now // bucket_s) of the newest bucket
+        # The older buckets' counts, by index % BUDGET_BUCKETS. The newest bucket's are
+        # the two integers below (written into the lists when it is no longer newest):
+        # one request deposits, and an integer's += is native where a list item's is a
+        # generic add on boxed ints.
         self._deposits = [0] * BUDGET_BUCKETS
         self._withdrawals = [0] * BUDGET_BUCKETS
+        self._current_deposits = 0
+        self._current_withdrawals = 0
+        # Where the newest bucket begins and ends: within it, no division is needed to
+        # find the bucket (a float floor division is a libm call).
+        self._current_from = 0.0
+        self._current_until = self._bucket_s
         self._deposited = 0  # sums over the window, kept so a check is O(1)
         self._withdrawn = 0
 
     def deposit(self, now: float) -> None:
         """An original request (not a retry) was sent."""
-        i = int(now // self._bucket_s)
-        if i != self._current:
-            i = self._advance(i)
-        self._deposits[i % BUDGET_BUCKETS] += 1
+        if now >= self._current_until or now < self._current_from:
+            self._advance(int(now // self._bucket_s))
+        self._current_deposits += 1
         self._deposited += 1
 
     def withdraw(self, now: float) -> bool:
         """A retry wants to go: True, and counted, if the budget allows it."""
-        i = int(now // self._bucket_s)
-        if i != self._current:
-            i = self._advance(i)
+        if now >= self._current_until or now < self._current_from:
+            self._advance(int(now // self._bucket_s))
         allowed = self.settings.budget_ratio * self._deposited + self._reserve
         if self._withdrawn + 1 > allowed:
             return False
-        self._withdrawals[i % BUDGET_BUCKETS] += 1
+        self._current_withdrawals += 1
         self._withdrawn += 1
         return True
 
@@ -84,11 +93,16 @@ class RetryBudget:
         allowed = self.settings.budget_ratio * self._deposited + self._reserve
         return max(0, int(allowed) - self._withdrawn)
 
-    def _advance(self, i: int) -> int:
-        """Move the window so that bucket `i` is the newest; the index to count in."""
+    def _advance(self, i: int) -> None:
+        """Move the window so that bucket `i` is the newest. A bucket at or before the
+        newest (a clock read that raced behind, or a float boundary read both ways)
+        counts in the newest."""
         current = self._current
-        if i <= current:  # same bucket, or a clock read that raced behind: count it now
-            return current
+        if i <= current:
+            return
+        slot = current % BUDGET_BUCKETS
+        self._deposits[slot] = self._current_deposits
+        self._withdrawals[slot] = self._current_withdrawals
         for j in range(current + 1, current + 1 + min(i - current, BUDGET_BUCKETS)):
             k = j % BUDGET_BUCKETS
             self._deposited -= self._deposits[k]
@@ -96,4 +110,7 @@ class RetryBudget:
             self._deposits[k] = 0
             self._withdrawals[k] = 0
         self._current = i
-        return i
+        self._current_deposits = 0
+        self._current_withdrawals = 0
+        self._current_from = i * self._bucket_s
+        self._current_until = (i + 1) * self._bucket_s
