@@ -215,21 +215,26 @@ def _address(text: Any, any_port: bool, bind: bool) -> tuple[str, int] | str:
     return host, number
 
 
-def parse_upstreams(data: Any, where: Path = ("upstreams",)) -> tuple[
+def parse_upstreams(data: Any, where: Path = ("upstreams",), resilience: Any = None) -> tuple[
         dict[str, UpstreamPolicy], list[UpstreamProblem]]:
-    """Every upstream in the block, and every problem found, with its location."""
+    """Every upstream in the block, and every problem found, with its location.
+    `resilience` (the host's block of that name) holds defaults for every upstream's
+    policy keys (timeouts, breaker, retry, fallback...): an upstream's own value wins, and
+    its breaker and retry blocks are merged over the defaults' key by key."""
     policies: dict[str, UpstreamPolicy] = {}
     problems: list[UpstreamProblem] = []
+    defaults = _resilience(resilience, problems)
     if data is None:
         return policies, problems
     if not isinstance(data, Mapping):
-        return policies, [UpstreamProblem(where, "must be a mapping of name to upstream")]
+        return policies, [*problems, UpstreamProblem(where, "must be a mapping of name to upstream")]
     for name, raw in data.items():
         p = _Parser((*where, name), problems)
         if not isinstance(raw, Mapping):
             p.bad((), "must be a mapping with address or addresses")
             continue
         p.check_keys(raw, UPSTREAM_KEYS)
+        raw = _with_defaults(defaults, raw)
         endpoints = p.endpoints(raw)
         protocol = p.choice(raw, "protocol", Protocol, Protocol.TCP)
         breaker = raw.get("breaker") or {}
@@ -279,6 +284,38 @@ def parse_upstreams(data: Any, where: Path = ("upstreams",)) -> tuple[
     return policies, problems
 
 
+def _resilience(block: Any, problems: list[UpstreamProblem]) -> Mapping[str, Any]:
+    """The defaults of `resilience:`, checked as an upstream's keys would be (at their own
+    place in the file); {} when absent or wrong, so a bad default never reaches an
+    upstream."""
+    if block is None:
+        return {}
+    where: Path = ("resilience",)
+    if not isinstance(block, Mapping):
+        problems.append(UpstreamProblem(where, "must be a mapping of upstream settings"))
+        return {}
+    found: list[UpstreamProblem] = []
+    _Parser(where, found).check_keys(block, RESILIENCE_KEYS)
+    # Read as an upstream would be, so every value is checked where it is written.
+    known = {k: v for k, v in block.items() if k in RESILIENCE_KEYS}  # the rest: said above
+    _, value_problems = parse_upstreams({"(defaults)": {"address": "127.0.0.1:1", **known}},
+                                        ("resilience-check",))
+    found += [UpstreamProblem((*where, *pr.path[2:]), pr.message) for pr in value_problems]
+    problems += found
+    return {} if found else block
+
+
+def _with_defaults(defaults: Mapping[str, Any], raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    if not defaults:
+        return raw
+    merged = {**defaults, **raw}
+    for block in ("breaker", "retry"):
+        mine, default = raw.get(block), defaults.get(block)
+        if isinstance(mine, Mapping) and isinstance(default, Mapping):
+            merged[block] = {**default, **mine}
+    return merged
+
+
 # Every key of an upstream, by the proxy that reads it: the one list of them (the
 # schema's must agree; a test checks). The L4 relay serves `tcp` upstreams, and for any
 # upstream its CONNECT tunnels and transparently redirected connections.
@@ -292,6 +329,8 @@ L7_ONLY_UPSTREAM_KEYS = frozenset({
     "max_pending_requests", "pool_size",
 })
 UPSTREAM_KEYS = L4_UPSTREAM_KEYS | L7_ONLY_UPSTREAM_KEYS
+# What `resilience:` may give every upstream: its policy, not its identity.
+RESILIENCE_KEYS = UPSTREAM_KEYS - {"address", "addresses", "protocol", "listen"}
 
 
 def upstream_warnings(data: Any, where: Path = ("upstreams",)) -> list[UpstreamProblem]:

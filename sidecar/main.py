@@ -50,7 +50,7 @@ def load(path: Path) -> tuple[SidecarSettings, dict[str, Upstream]]:
         raise SystemExit(f"{path}: {exc}")
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: not a mapping")
-    policies, problems = parse_upstreams(data.get("upstreams"))
+    policies, problems = parse_upstreams(data.get("upstreams"), resilience=data.get("resilience"))
     settings, more = parse_sidecar(data.get("sidecar"))
     problems += more + self_loops(policies, settings)
     if problems:

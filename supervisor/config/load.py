@@ -127,7 +127,8 @@ def validate_file(
     if schema_problems:
         return None, problems
     # The sidecar's own parser reads its blocks: one reading of upstreams everywhere.
-    upstreams, upstream_problems = parse_upstreams(data.get("upstreams"))
+    upstreams, upstream_problems = parse_upstreams(data.get("upstreams"),
+                                                   resilience=data.get("resilience"))
     sidecar, sidecar_problems = parse_sidecar(data.get("sidecar"))
     sidecar_problems += self_loops(upstreams, sidecar)
     problems = validate.by_line(problems + [
@@ -237,7 +238,7 @@ def _build(data: Mapping[str, Any], source: Path, paths: _Paths,
         environment=inherited.environment,
         upstreams=upstreams,
         sidecar=sidecar,
-        traffic_source={k: data[k] for k in ("upstreams", "sidecar") if k in data},
+        traffic_source={k: data[k] for k in ("upstreams", "resilience", "sidecar") if k in data},
         secrets=SecretsConfig(
             dir=_under(paths.folder, secrets.get("dir")),
             require_memory_fs=secrets.get("require_memory_fs", True),

@@ -196,8 +196,7 @@ def test_host_level_native_keys(tmp_path):
         runtime_dir: run
         logs: {dir: logs, max_bytes: 100}
         resource_interval_s: 2.5
-        hubs: [{name: edge}]
-        resilience: {breaker: {failures: 5}}
+        resilience: {breaker: {failures: 4}}
         secrets: {dir: secrets, require_memory_fs: false, names: [NATS_PASSWORD]}
         upstreams:
           ObservabilityHub: {addresses: ["127.0.0.1:9100", "mainpc:9000"], protocol: http, request_timeout_s: 10}
@@ -212,6 +211,8 @@ def test_host_level_native_keys(tmp_path):
     assert (hub.endpoints, hub.protocol.value, hub.request_timeout_s) == (
         (("127.0.0.1", 9100), ("mainpc", 9000)), "http", 10.0)
     assert (nats.endpoints, nats.protocol.value) == ((("::1", 4223),), "tcp")
+    assert hub.breaker.failures == nats.breaker.failures == 4  # resilience: the defaults
+    assert config.traffic_source["resilience"] == {"breaker": {"failures": 4}}  # the sidecar's too
 
 
 def test_upstream_policy_problems_carry_their_line(tmp_path):

@@ -1,0 +1,50 @@
+"""`resilience:` gives every upstream its policy defaults, and is checked where it is
+written; `hubs:` (not built yet) is an error, never silently ignored."""
+
+from pathlib import Path
+
+from sidecar.config import parse_upstreams
+from supervisor.config import validate_file
+
+UPSTREAMS = {
+    "Hub": {"address": "127.0.0.1:9000", "protocol": "http", "breaker": {"failures": 9}},
+    "Registry": {"address": "127.0.0.1:7200", "protocol": "http", "request_timeout_s": 3},
+}
+
+
+def test_defaults_reach_every_upstream_and_its_own_values_win_key_by_key():
+    policies, problems = parse_upstreams(UPSTREAMS, resilience={
+        "request_timeout_s": 7, "breaker": {"failures": 2, "open_s": 11}})
+    assert problems == []
+    hub, registry = policies["Hub"], policies["Registry"]
+    assert hub.request_timeout_s == 7 and registry.request_timeout_s == 3
+    assert (hub.breaker.failures, hub.breaker.open_s) == (9, 11)  # merged, not replaced
+    assert (registry.breaker.failures, registry.breaker.open_s) == (2, 11)
+
+
+def test_without_resilience_the_builtin_defaults_hold():
+    plain, _ = parse_upstreams(UPSTREAMS)
+    with_empty, _ = parse_upstreams(UPSTREAMS, resilience={})
+    assert plain == with_empty
+
+
+def test_bad_defaults_are_reported_at_their_place_and_reach_no_upstream():
+    policies, problems = parse_upstreams(UPSTREAMS, resilience={
+        "request_timeout_s": -1, "address": "127.0.0.1:1", "breaker": {"failures": 0}})
+    where = {".".join(map(str, p.path)): p.message for p in problems}
+    assert set(where) == {"resilience.request_timeout_s", "resilience.address",
+                          "resilience.breaker.failures"}, where
+    assert "unknown key" in where["resilience.address"]  # identity is per upstream
+    # Nothing of a bad block is applied: the upstreams keep the built-in defaults.
+    assert policies == parse_upstreams(UPSTREAMS)[0]
+    assert parse_upstreams(None, resilience=[1])[1][0].message.startswith("must be a mapping")
+
+
+def test_validate_reports_both_with_lines(tmp_path: Path):
+    cfg = tmp_path / "host.yaml"
+    cfg.write_text("hubs: ['127.0.0.1:9190']\n"
+                   "resilience: {request_timeout_s: -1}\n"
+                   "pc2_services:\n  - {name: A, command: [sleep, '1']}\n")
+    _, problems = validate_file(cfg, check_machine=False)
+    found = {(p.line, p.location) for p in problems if p.severity == "error"}
+    assert found == {(1, "hubs"), (2, "resilience.request_timeout_s")}, problems
