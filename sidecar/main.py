@@ -30,6 +30,7 @@ import yaml
 
 from sidecar import compiled, control, yamlbounds
 from sidecar.config import Protocol, SidecarSettings, parse_sidecar, parse_upstreams
+from sidecar.exporter import AgentsCollector
 from sidecar.routing import Router, self_loops
 from sidecar.upstream import Upstream
 
@@ -102,6 +103,8 @@ class Sidecar:
         self.inherited = inherited
         self.control_path = control_path
         self.servers: list[asyncio.AbstractServer] = []
+        # The supervisor's agent rows, as agentvisor_agent_* on /metrics.
+        self.agents = AgentsCollector()
         self.ready = False
         self._metrics_runner = None
 
@@ -138,7 +141,8 @@ class Sidecar:
                     backlog=1024))
         await self._serve_metrics(self._socket("metrics", self.settings.metrics_listen))
         if self.control_path is not None:
-            self.servers.append(await control.serve(self.control_path, self.router.all))
+            self.servers.append(await control.serve(self.control_path, self.router.all,
+                                                    self.agents.update))
         self.ready = True
 
     async def _serve_metrics(self, sock: socket.socket) -> None:
@@ -149,6 +153,7 @@ class Sidecar:
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SidecarCollector(self.router.all))
+        registry.register(self.agents)
 
         async def metrics(_request):
             return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE})

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
 import time
 from pathlib import Path
 
+from sidecar.control import bounded
+from sidecar.exporter import MAX_ROWS_BYTES as EXPORT_ROWS_BYTES
 from sidecar.proxy import nftables
 from supervisor import config as cfgmod
 from supervisor import environment, process, secrets
@@ -29,7 +32,7 @@ from supervisor import resources
 from supervisor.resources import ResourceSampler, check_limits
 from supervisor.runtime_lock import RuntimeLock
 from supervisor.systemd import Notifier
-from supervisor.traffic import ListenerError, Traffic, remove_stale_redirects
+from supervisor.traffic import SIDECAR, ListenerError, Traffic, remove_stale_redirects
 
 # `agentvisor run`'s exit status when a listener cannot be bound: the same as for a bad
 # config, a failure systemd's Restart=on-failure retries.
@@ -93,6 +96,7 @@ class Supervisor:
         # without one, the sampling loop enforces it alone.
         self._cgroup_root = resources.cgroup_v2_dir()
         self._warned: set[tuple[str, str]] = set()
+        self._export_cut_said = False
         self._lock = asyncio.Lock()  # one reload/rollback/shutdown at a time
         self._control = ControlServer(self.socket_path, self,
                                       allowed_gid=_group_id(config.control_group))
@@ -389,6 +393,8 @@ class Supervisor:
             usage = self._usage.get(a.pid) if a.pid else None
             row["rss_mb"] = round(usage.rss_mb, 1) if usage else None
             row["cpu_percent"] = round(usage.cpu_percent, 1) if usage else None
+            row["threads"] = usage.threads if usage else None
+            row["fds"] = usage.fds if usage else None
             agents.append(row)
         return {
             "host": self.config.host,
@@ -511,6 +517,25 @@ class Supervisor:
             for pid in self._sampled - set(live):
                 self._sampler.forget(pid)
             self._sampled = set(live)
+            await self._export_agents()
+
+    async def _export_agents(self) -> None:
+        """Hand this round's rows to the sidecar, which serves them as agentvisor_agent_*
+        on the host's /metrics: every agent an exporter, without code. Best effort: a
+        sidecar that is restarting gets the next round's."""
+        sidecar = self.agents.get(SIDECAR)
+        if sidecar is None or sidecar.state is not State.RUNNING:
+            return
+        rows, left_out = bounded(self.status()["agents"], EXPORT_ROWS_BYTES)
+        if left_out and not self._export_cut_said:
+            log.warning("exporter: %d agents' rows left out (more than one control request "
+                        "holds)", left_out)
+            self._export_cut_said = True
+        try:
+            await self.traffic.ask_sidecar({"cmd": "agents", "rows": json.dumps(rows)},
+                                           timeout_s=2.0)
+        except (LookupError, OSError, ValueError, asyncio.TimeoutError) as exc:
+            log.debug("exporter: rows not handed to the sidecar: %s", exc)
 
     async def _groups_loop(self) -> None:
         # Written at most once a second, off the restart path.
