@@ -1,0 +1,348 @@
+"""The sidecar's data process: `python -m sidecar.data --state-dir DIR --host NAME
+--ingest AGENT=HOST:PORT ...`.
+
+It opens the host's spool (`DIR/metrics.db`, in the state directory: it must survive a
+reboot, so never the runtime directory), serves one ingest listener per agent (an agent
+is known by the listener it reached), forwards the spool to the hubs, nearest first, when
+`--hub` names any, makes the spool durable against power loss every `--sync-interval`
+seconds, and answers `GET /ready` and `GET /status` (JSON: spool, forwarder, ingest) on
+`--status`.
+
+Listening sockets come from the supervisor when it runs us (`--fds AGENT=FD,...`, and
+`--status-fd FD`): it owns them, so while this process restarts, agents' pushes wait in
+the kernel's backlog instead of being refused. Run alone, we bind them ourselves.
+
+On SIGTERM (or SIGINT) we stop accepting, commit and answer every push already received,
+give requests half-way through `--drain-s` to finish, make the spool durable, and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import errno
+import logging
+import signal
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+
+from sidecar.args import address, number
+from sidecar.data.ingest import (
+    DEFAULT_COMMIT_WINDOW_S,
+    DEFAULT_MAX_BODY_BYTES,
+    Answer,
+    Ingest,
+    IngestSettings,
+)
+
+log = logging.getLogger("agentvisor.data")
+
+SPOOL_FILE = "metrics.db"
+# The spool is bounded by bytes; this much disk is small beside a log directory, and holds
+# days of the fleet's pushes (77 agents, 1 push/s of a few hundred bytes).
+DEFAULT_MAX_BYTES = 512 << 20
+# Power loss may take at most this much of what was answered; SIGKILL takes nothing.
+DEFAULT_SYNC_INTERVAL_S = 1.0
+# Requests half-way through are given this long to finish on SIGTERM.
+DEFAULT_DRAIN_S = 5.0
+
+
+def listen(where: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+    return socket.create_server(where, family=family, backlog=1024)
+
+
+def inherited(text: str | None) -> dict[str, int]:
+    """'A=5,B=6' -> {'A': 5, 'B': 6}; ValueError saying what is wrong."""
+    out: dict[str, int] = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, fd = item.rpartition("=")
+        if not sep or not name or not fd.isdigit():
+            raise ValueError(f"--fds {item!r}: expected AGENT=FD")
+        out[name] = int(fd)
+    return out
+
+
+class DataProcess:
+    """The spool, the ingest listeners, the forwarder and the status listener."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.spool = None
+        self.ingest: Ingest | None = None
+        self.forwarder = None
+        self.ready = False
+        self.exit_code = 0
+        self.stopping = asyncio.Event()  # SIGTERM, SIGINT, or a spool that must be reopened
+        self.recovered: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._status_runner = None
+
+    def open_spool(self) -> None:
+        from sidecar.spool import Spool, SpoolError
+
+        args = self.args
+        path = args.state_dir / SPOOL_FILE
+        try:
+            args.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.spool = Spool(path, host=args.host, max_bytes=args.max_bytes,
+                               sync_interval_s=args.sync_interval)
+        except SpoolError as exc:  # it says where and what to do
+            raise SystemExit(str(exc))
+        except (OSError, sqlite3.Error) as exc:
+            raise SystemExit(f"{path}: cannot open the spool: {exc} (check that the state "
+                             "directory exists, is writable by this user, and has room)")
+        self.recovered = self.spool.recovered
+        if self.recovered:
+            # Damaged: said loudly. Otherwise it is a crash's unfinished append, which
+            # was never answered: worth a line, not an alarm.
+            log.log(logging.ERROR if self.spool.damaged else logging.INFO,
+                    "%s: %s", "the spool was damaged; opening it did this"
+                    if self.spool.damaged else "spool", self.recovered)
+        log.info("%s: spool open: %d records pending", path, self.spool.stats().records)
+
+    async def start(self, sockets: dict[str, socket.socket],
+                    status_sock: socket.socket | None) -> None:
+        args = self.args
+        hubs = list(args.hub or [])
+        if hubs:
+            from sidecar.forwarder import Forwarder
+
+            self.forwarder = Forwarder(self.spool, hubs)
+        self.ingest = Ingest(self.spool, IngestSettings(
+            max_body_bytes=args.max_body_bytes, commit_window_s=args.commit_window),
+            on_appended=self.forwarder.wake if self.forwarder is not None else None)
+        answer = Answer(args.answer_status, args.answer_body.encode(),
+                        args.answer_content_type)
+        for agent, sock in sockets.items():
+            await self.ingest.serve(agent, sock, answer)
+            host, port = sock.getsockname()[:2]
+            log.info("%s: ingest listening on %s:%d", agent, host, port)
+        if status_sock is not None:
+            await self._serve_status(status_sock)
+        if self.forwarder is not None:
+            self._tasks.append(asyncio.create_task(self._forward(), name="forwarder"))
+        if args.sync_interval > 0:  # 0: every commit is fsynced by the spool itself
+            self._sync_timer = asyncio.get_running_loop().call_later(args.sync_interval,
+                                                                     self._sync)
+        self.ready = True
+        log.info("ready: %d ingest listeners; hubs: %s", len(sockets),
+                 ", ".join(f"{h}:{p}" for h, p in hubs) if hubs else "none (spooling only)")
+
+    async def _forward(self) -> None:
+        from sidecar.spool import SpoolCorrupt
+
+        try:
+            await self.forwarder.run()
+        except asyncio.CancelledError:
+            raise
+        except SpoolCorrupt as exc:
+            # Opening the spool is what moves a damaged file aside and keeps every intact
+            # record: exit (after answering what ingest holds) so the supervisor restarts
+            # us and the next open recovers it.
+            log.error("%s; stopping so that reopening the spool recovers it", exc)
+            self.exit_code = 1
+            self.stopping.set()
+        except Exception:
+            # A bug. The spool keeps every push, but nothing would be delivered until a
+            # restart: exit (after answering what ingest holds) so the supervisor
+            # restarts us, and the crash shows as a restart rather than as silence.
+            log.exception("forwarder failed; stopping so that a restart resumes delivery "
+                          "(every push is still in the spool)")
+            self.exit_code = 1
+            self.stopping.set()
+
+    def _sync(self) -> None:
+        try:
+            self.spool.sync()
+        except Exception as exc:
+            log.error("spool sync failed: %s (answered pushes since the last sync are "
+                      "at risk on power loss)", exc)
+        self._sync_timer = asyncio.get_running_loop().call_later(self.args.sync_interval,
+                                                                 self._sync)
+
+    def status(self) -> dict:
+        spool = dataclasses.asdict(self.spool.stats())
+        spool["path"] = str(self.args.state_dir / SPOOL_FILE)
+        spool["recovered"] = self.recovered
+        forwarder = self.forwarder.status() if self.forwarder is not None else None
+        return {"host": self.args.host, "ready": self.ready, "spool": spool,
+                "forwarder": forwarder,
+                "ingest": self.ingest.status() if self.ingest else None}
+
+    async def _serve_status(self, sock: socket.socket) -> None:
+        from aiohttp import web
+
+        async def ready(_request):
+            if not self.ready:
+                return web.Response(status=503, text="not ready\n")
+            return web.Response(text="ready\n")
+
+        async def status(_request):
+            return web.json_response(self.status())
+
+        app = web.Application()
+        app.add_routes([web.get("/ready", ready), web.get("/status", status)])
+        self._status_runner = web.AppRunner(app, access_log=None)
+        await self._status_runner.setup()
+        sock.setblocking(False)
+        await web.SockSite(self._status_runner, sock).start()
+
+    async def stop(self) -> None:
+        """SIGTERM: stop accepting, answer what is in flight, sync, close."""
+        self.ready = False
+        if self.ingest is not None:
+            await self.ingest.drain(self.args.drain_s)
+        for task in self._tasks:
+            task.cancel()  # a batch in flight is not acked: sent again next time
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+        if self._status_runner is not None:
+            await self._status_runner.cleanup()
+        try:
+            self.spool.sync()
+        except Exception as exc:
+            log.error("spool sync failed at exit: %s (answered pushes since the last sync "
+                      "are at risk on power loss)", exc)
+            self.exit_code = 1
+        self.spool.close()
+
+
+def adopt(fd: int, what: str) -> socket.socket:
+    """An inherited listening socket; OSError naming the argument if it is not one."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise OSError(f"{what}: not a socket: {exc.strerror or exc}") from None
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise OSError(f"{what}: not a listening socket")
+    return sock
+
+
+def sockets_from(args: argparse.Namespace) -> tuple[dict[str, socket.socket],
+                                                     socket.socket | None]:
+    fds = inherited(args.fds)
+    out: dict[str, socket.socket] = {}
+    for agent, fd in fds.items():
+        out[agent] = adopt(fd, f"--fds {agent}={fd}")
+    for agent, where in args.ingest:
+        if agent not in out:  # an inherited socket wins: the supervisor owns it
+            out[agent] = bind(where, f"--ingest {agent}={where[0]}:{where[1]}")
+    status = None
+    if args.status_fd is not None:
+        status = adopt(args.status_fd, f"--status-fd {args.status_fd}")
+    elif args.status is not None:
+        status = bind(args.status, f"--status {args.status[0]}:{args.status[1]}")
+    return out, status
+
+
+def bind(where: tuple[str, int], what: str) -> socket.socket:
+    try:
+        return listen(where)
+    except OSError as exc:
+        hint = (" (another process listens there: another data process, or an agent's "
+                "port?)" if exc.errno == errno.EADDRINUSE else "")
+        raise OSError(f"{what}: {exc.strerror or exc}{hint}") from None
+
+
+async def run(args: argparse.Namespace) -> int:
+    process = DataProcess(args)
+    process.open_spool()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, process.stopping.set)
+    try:
+        sockets, status_sock = sockets_from(args)
+    except OSError as exc:
+        process.spool.close()
+        raise SystemExit(f"cannot listen: {exc}")
+    await process.start(sockets, status_sock)
+    await process.stopping.wait()
+    log.info("draining")
+    await process.stop()
+    log.info("stopped; spool synced" if process.exit_code == 0 else "stopped")
+    return process.exit_code
+
+
+def _ingest_arg(text: str) -> tuple[str, tuple[str, int]]:
+    agent, sep, where = text.partition("=")
+    if not sep or not agent:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected AGENT=HOST:PORT")
+    try:
+        return agent, address(where)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{agent}: {exc}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sidecar.data",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--state-dir", type=Path, required=True,
+                    help=f"durable state (the spool, {SPOOL_FILE}); not a tmpfs")
+    ap.add_argument("--host", required=True, help="this host's name, carried by every record")
+    ap.add_argument("--ingest", type=_ingest_arg, action="append", default=[],
+                    metavar="AGENT=HOST:PORT", help="an agent's ingest listener (repeat)")
+    ap.add_argument("--fds", default=None, metavar="AGENT=FD,...",
+                    help="inherited listening sockets, one per agent")
+    ap.add_argument("--hub", type=address, action="append", default=[], metavar="HOST:PORT",
+                    help="a hub receiver, nearest first (repeat); none: spool only")
+    ap.add_argument("--status", type=address, default=None, metavar="HOST:PORT",
+                    help="where to answer GET /ready and GET /status")
+    ap.add_argument("--status-fd", type=int, default=None, metavar="FD",
+                    help="an inherited listening socket for /ready and /status")
+    ap.add_argument("--max-bytes", type=number(int, zero_ok=False), default=DEFAULT_MAX_BYTES,
+                    help="the spool's bound in bytes; when full, pushes get 503")
+    ap.add_argument("--sync-interval", type=number(float, zero_ok=True),
+                    default=DEFAULT_SYNC_INTERVAL_S, metavar="S",
+                    help="seconds of answered pushes power loss may take (0: none, at "
+                    "the cost of an fsync per commit)")
+    ap.add_argument("--max-body-bytes", type=number(int, zero_ok=False), default=DEFAULT_MAX_BODY_BYTES,
+                    help="a larger push is answered 413")
+    ap.add_argument("--commit-window", type=number(float, zero_ok=True),
+                    default=DEFAULT_COMMIT_WINDOW_S,
+                    metavar="S", help="how long a push may wait for others to share its "
+                    "commit (0: the same event-loop iteration)")
+    default = Answer()
+    ap.add_argument("--answer-status", type=int, default=default.status,
+                    help="what an accepted push is answered (a 2xx)")
+    ap.add_argument("--answer-body", default=default.body.decode())
+    ap.add_argument("--answer-content-type", default=default.content_type)
+    ap.add_argument("--drain-s", type=number(float, zero_ok=True), default=DEFAULT_DRAIN_S,
+                    help="on SIGTERM, how long requests half-way through may take")
+    ap.add_argument("--log-level", default="info")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    problem = Answer(args.answer_status, args.answer_body.encode(),
+                     args.answer_content_type).problem()
+    if problem:
+        ap.error(problem)
+    try:
+        names = set(inherited(args.fds))
+    except ValueError as exc:
+        ap.error(str(exc))
+    seen: set[str] = set()
+    for agent, _ in args.ingest:
+        if agent in seen:
+            ap.error(f"--ingest {agent}: given twice; one listener per agent")
+        seen.add(agent)
+    if not seen | names and not args.hub:
+        ap.error("nothing to do: give --ingest AGENT=HOST:PORT (or --fds AGENT=FD) and/or "
+                 "--hub HOST:PORT")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvloop
+
+    return uvloop.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
