@@ -78,6 +78,13 @@ class Protocol(enum.Enum):
     HTTP = "http"  # L7: HTTP/1.1, per-request timeout, breaking on 5xx/timeouts
 
 
+class Deliver(enum.Enum):
+    PROXY = "proxy"  # every request goes through to the upstream (timeouts, breaker)
+    # Metrics pushes (POST/PUT/PATCH) are kept in the host's spool, answered at once, and
+    # forwarded to the nearest hub exactly once; reads still go through the proxy.
+    STORE_FORWARD = "store_forward"
+
+
 class FallbackKind(enum.Enum):
     NONE = "none"  # 503 with X-Agentvisor-Breaker
     LAST_GOOD = "last_good"  # last good response to the same GET, else 503
@@ -114,6 +121,7 @@ class UpstreamPolicy:
     name: str
     endpoints: tuple[tuple[str, int], ...]  # nearest first
     protocol: Protocol = Protocol.TCP
+    deliver: Deliver = Deliver.PROXY
     # Where the sidecar listens for this upstream; port 0: the supervisor picks one.
     listen: tuple[str, int] = ("127.0.0.1", 0)
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
@@ -237,6 +245,10 @@ def parse_upstreams(data: Any, where: Path = ("upstreams",), resilience: Any = N
         raw = _with_defaults(defaults, raw)
         endpoints = p.endpoints(raw)
         protocol = p.choice(raw, "protocol", Protocol, Protocol.TCP)
+        deliver = p.choice(raw, "deliver", Deliver, Deliver.PROXY)
+        if deliver is Deliver.STORE_FORWARD and protocol is not Protocol.HTTP:
+            p.bad(("deliver",), "store_forward keeps HTTP pushes: it needs protocol: http")
+            deliver = Deliver.PROXY
         breaker = raw.get("breaker") or {}
         retry = raw.get("retry") or {}
         if not isinstance(breaker, Mapping):
@@ -252,6 +264,7 @@ def parse_upstreams(data: Any, where: Path = ("upstreams",), resilience: Any = N
             name=str(name),
             endpoints=endpoints,
             protocol=protocol,
+            deliver=deliver,
             listen=listen,
             connect_timeout_s=p.seconds(raw, "connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S),
             idle_timeout_s=p.seconds(raw, "idle_timeout_s", DEFAULT_IDLE_TIMEOUT_S),
@@ -281,6 +294,13 @@ def parse_upstreams(data: Any, where: Path = ("upstreams",), resilience: Any = N
             pool_size=p.count(raw, "pool_size", DEFAULT_POOL_SIZE, (), 0),
         )
         policies[policy.name] = policy
+    # Each agent has one ingest listener and its pushes one sequence: one metrics
+    # upstream per host (the fleet has one, its ObservabilityHub).
+    kept = [n for n, pol in policies.items() if pol.deliver is Deliver.STORE_FORWARD]
+    for name in kept[1:]:
+        problems.append(UpstreamProblem((*where, name, "deliver"),
+                                        f"store_forward is already {kept[0]}'s: one "
+                                        "metrics upstream per host"))
     return policies, problems
 
 
@@ -326,11 +346,11 @@ L4_UPSTREAM_KEYS = frozenset({
 # Read only by the L7 proxy: on a `tcp` upstream they do nothing, which `validate` says.
 L7_ONLY_UPSTREAM_KEYS = frozenset({
     "request_timeout_s", "failure_statuses", "retry", "fallback", "max_header_bytes",
-    "max_pending_requests", "pool_size",
+    "max_pending_requests", "pool_size", "deliver",
 })
 UPSTREAM_KEYS = L4_UPSTREAM_KEYS | L7_ONLY_UPSTREAM_KEYS
 # What `resilience:` may give every upstream: its policy, not its identity.
-RESILIENCE_KEYS = UPSTREAM_KEYS - {"address", "addresses", "protocol", "listen"}
+RESILIENCE_KEYS = UPSTREAM_KEYS - {"address", "addresses", "protocol", "listen", "deliver"}
 
 
 def upstream_warnings(data: Any, where: Path = ("upstreams",)) -> list[UpstreamProblem]:
@@ -481,6 +501,49 @@ class SidecarSettings:
     proxy_listen: tuple[str, int] = ("127.0.0.1", 0)  # HTTP_PROXY for `intercept: proxy`
     transparent_listen: tuple[str, int] = ("127.0.0.1", 0)  # nftables redirect target
     drain_s: float = DEFAULT_DRAIN_S
+
+
+# The spool's bound when `spool.max_mb` is not set: about 20 days of the fleet's pushes
+# (77 agents, 1 push/s of a few hundred bytes), well inside a state partition.
+DEFAULT_SPOOL_MAX_MB = 512
+# Power loss may take at most this much of what was answered; SIGKILL takes nothing.
+DEFAULT_SPOOL_SYNC_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The data process's: where store_forward pushes go (`hubs:`, nearest first) and how
+    the spool keeps them (`spool:`)."""
+
+    hubs: tuple[tuple[str, int], ...] = ()
+    spool_max_mb: int = DEFAULT_SPOOL_MAX_MB
+    sync_interval_s: float = DEFAULT_SPOOL_SYNC_INTERVAL_S
+
+
+def parse_data(hubs: Any, spool: Any) -> tuple[DataSettings, list[UpstreamProblem]]:
+    problems: list[UpstreamProblem] = []
+    found: list[tuple[str, int]] = []
+    if hubs is not None:
+        if not isinstance(hubs, list) or not hubs:
+            problems.append(UpstreamProblem(("hubs",), "must be a list of host:port, "
+                                            "nearest first"))
+        else:
+            for i, text in enumerate(hubs):
+                problem = address_problem(text)
+                if problem:
+                    problems.append(UpstreamProblem(("hubs", i), problem))
+                else:
+                    found.append(parse_address(text) or ("", 0))
+    block = spool if isinstance(spool, Mapping) else {}
+    if spool is not None and not isinstance(spool, Mapping):
+        problems.append(UpstreamProblem(("spool",), "must be a mapping"))
+    p = _Parser(("spool",), problems)
+    p.check_keys(block, {"max_mb", "sync_interval_s"})
+    return DataSettings(
+        hubs=tuple(found),
+        spool_max_mb=p.count(block, "max_mb", DEFAULT_SPOOL_MAX_MB, (), 1),
+        sync_interval_s=p.number(block, "sync_interval_s", DEFAULT_SPOOL_SYNC_INTERVAL_S),
+    ), problems
 
 
 def parse_sidecar(data: Any, where: Path = ("sidecar",)) -> tuple[SidecarSettings,

@@ -60,7 +60,8 @@ def agent_environment(host: HostConfig, spec: AgentSpec, base: Mapping[str, str]
     for key, template in spec.env.items():
         for kind, name in placeholders.find(template):
             if kind == "upstream":
-                values.setdefault(f"upstream:{name}", traffic.upstream_address(host, name))
+                values.setdefault(f"upstream:{name}",
+                                  traffic.upstream_address(host, name, spec.name))
             elif kind is None and name not in values:
                 values[name] = _from_environment(spec, name, base)
         env[key] = placeholders.expand(template, values)

@@ -42,6 +42,13 @@ def runtime_dir(flag: Path | None) -> Path:
     return runtime_dir_override(flag) or default_runtime_dir()
 
 
+def default_state_dir() -> Path:
+    """Durable state (the metrics spool): the unit's StateDirectory= as root."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/agentvisor")
+    return Path.home() / ".local/state/agentvisor"
+
+
 def default_logs_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/log/agentvisor")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from sidecar.config import SidecarSettings
+from sidecar.config import Deliver, SidecarSettings, UpstreamPolicy
 from sidecar.proxy import nftables
 from supervisor import process
 from supervisor.config.model import (
@@ -31,6 +31,10 @@ from supervisor.config.model import (
 from supervisor.paths import SYSTEM_RUNTIME_DIR
 
 SIDECAR = "sidecar"  # its name in status; reserved
+# The data process (metrics spool and forwarding), run when an upstream is store_forward.
+DATA = "sidecar-data"
+# Opening a spool checks every row: a full one (512 MiB) takes several seconds.
+DATA_START_TIMEOUT_S = 120.0
 # The nftables table of the deployed hosts' supervisor (runtime dir /run/agentvisor).
 NFT_TABLE = "agentvisor"
 LISTEN_BACKLOG = 1024  # agents queue here while the sidecar restarts
@@ -152,18 +156,31 @@ class Traffic:
         wanted["metrics"] = config.sidecar.metrics_listen
         if any(a.intercept is Intercept.TRANSPARENT for a in config.agents):
             wanted["transparent"] = config.sidecar.transparent_listen
+        metrics = store_forward(config)
+        if metrics is not None:
+            # An ingest listener per agent: the data process knows a push's agent by the
+            # listener it reached, and agents queue in its backlog while it restarts.
+            wanted.update({f"ingest:{a.name}": ("127.0.0.1", 0) for a in config.agents})
+            wanted["data-status"] = ("127.0.0.1", 0)
         self._bind_all(wanted)
         self._install_redirects(config)
-        sidecar = self._sidecar_spec(config)
-        agents = tuple(dataclasses.replace(a, dependencies=(*a.dependencies, SIDECAR))
+        children = [self._sidecar_spec(config)]
+        if metrics is not None:
+            children.append(self._data_spec(config, metrics))
+        own = tuple(c.name for c in children)
+        agents = tuple(dataclasses.replace(a, dependencies=(*a.dependencies, *own))
                        for a in config.agents)
-        return (sidecar, *agents)
+        return (*children, *agents)
 
-    def upstream_address(self, config: HostConfig, name: str) -> str:
+    def upstream_address(self, config: HostConfig, name: str, agent: str | None = None) -> str:
         """What ${upstream:NAME} expands to: the sidecar's listener, or (sidecar off)
-        the upstream's own nearest address."""
+        the upstream's own nearest address; for a store_forward upstream, the agent's
+        own ingest listener."""
         key = f"upstream:{name}"
-        if key in self.sockets:
+        ingest = f"ingest:{agent}"
+        if config.upstreams[name].deliver is Deliver.STORE_FORWARD and ingest in self.sockets:
+            host, port = self.address(ingest)
+        elif key in self.sockets:
             host, port = self.address(key)
         else:
             host, port = config.upstreams[name].endpoints[0]
@@ -179,7 +196,9 @@ class Traffic:
         """For status: where each upstream is reached locally, and how."""
         out = {}
         for name, policy in config.upstreams.items():
-            out[name] = {"listen": self.upstream_address(config, name),
+            forwarded = policy.deliver is Deliver.STORE_FORWARD and "data-status" in self.sockets
+            out[name] = {"listen": "per agent (spooled)" if forwarded
+                         else self.upstream_address(config, name),
                          "protocol": policy.protocol.value,
                          "endpoints": [f"{h}:{p}" for h, p in policy.endpoints]}
         return out
@@ -258,7 +277,10 @@ class Traffic:
 
     def _sidecar_spec(self, config: HostConfig) -> AgentSpec:
         snapshot = self._write_snapshot(config)
-        fds = ",".join(f"{n}={s.fileno()}" for n, s in sorted(self.sockets.items()))
+        # The proxy's listeners only: the data process's are handed to it alone.
+        own = {n: s for n, s in self.sockets.items()
+               if not n.startswith("ingest:") and n != "data-status"}
+        fds = ",".join(f"{n}={s.fileno()}" for n, s in sorted(own.items()))
         host, port = self.address("metrics")
         settings: SidecarSettings = config.sidecar
         return AgentSpec(
@@ -271,7 +293,37 @@ class Traffic:
                                startup_interval_s=0.02),
             restart=dataclasses.replace(SIDECAR_RESTART, stop_grace_s=settings.drain_s + 5.0),
             log_path=config.logs_dir / "sidecar.log",
-            pass_fds=tuple(s.fileno() for s in self.sockets.values()),
+            pass_fds=tuple(s.fileno() for s in own.values()),
+        )
+
+    def _data_spec(self, config: HostConfig, metrics: UpstreamPolicy) -> AgentSpec:
+        """The data process: each agent's pushes to `metrics` arrive at its own ingest
+        listener, are kept in the spool under state_dir and forwarded to the hubs; its
+        reads go on to the proxy's listener for the upstream. Its settings are all in
+        its argv, so a changed hub list restarts it alone, never the proxy."""
+        ingest = sorted(n for n in self.sockets if n.startswith("ingest:"))
+        status = self.sockets["data-status"]
+        host, port = self.address("data-status")
+        argv = [sys.executable, "-m", "sidecar.data", "--state-dir", str(config.state_dir),
+                "--host", config.host,
+                "--fds", ",".join(f"{n.split(':', 1)[1]}={self.sockets[n].fileno()}"
+                                  for n in ingest),
+                "--status-fd", str(status.fileno()),
+                "--max-bytes", str(config.data.spool_max_mb << 20),
+                "--sync-interval", f"{config.data.sync_interval_s:g}",
+                "--reads-to", self.upstream_address(config, metrics.name)]
+        for hub_host, hub_port in config.data.hubs:
+            argv += ["--hub", f"[{hub_host}]:{hub_port}" if ":" in hub_host
+                     else f"{hub_host}:{hub_port}"]
+        return AgentSpec(
+            name=DATA, group="agentvisor", location="sidecar-data", argv=tuple(argv),
+            cwd=self.runtime_dir, script_path=None, required=True,
+            health=HealthCheck(ProbeKind.HTTP, host=host, port=port, path="/ready",
+                               interval_s=5.0, timeout_s=2.0, retries=3,
+                               start_timeout_s=DATA_START_TIMEOUT_S, startup_interval_s=0.05),
+            restart=SIDECAR_RESTART,
+            log_path=config.logs_dir / f"{DATA}.log",
+            pass_fds=(status.fileno(), *(self.sockets[n].fileno() for n in ingest)),
         )
 
     def _write_snapshot(self, config: HostConfig) -> Path:
@@ -285,3 +337,9 @@ class Traffic:
         if not path.exists():
             path.write_text(text)
         return path
+
+
+def store_forward(config: HostConfig) -> UpstreamPolicy | None:
+    """The host's metrics upstream (`deliver: store_forward`; at most one), if any."""
+    return next((u for u in config.upstreams.values() if u.deliver is Deliver.STORE_FORWARD),
+                None)

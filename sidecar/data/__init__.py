@@ -7,6 +7,7 @@ event loop, and a crash of either process loses nothing: what an agent was answe
 disk, and the sockets wait in the kernel's backlog while the process restarts.
 
   ingest     agents' metric pushes over HTTP/1.1, appended to the spool in group commits
+  reads      the reads reaching an ingest listener, relayed to the proxy (--reads-to)
   __main__   the process: spool, ingest listeners, forwarder, sync timer, /ready, /status
 
 Not compiled by mypyc (not in `sidecar.HOT_PATH`), and it imports nothing of the proxy's

@@ -6,7 +6,9 @@ reboot, so never the runtime directory), serves one ingest listener per agent (a
 is known by the listener it reached), forwards the spool to the hubs, nearest first, when
 `--hub` names any, makes the spool durable against power loss every `--sync-interval`
 seconds, and answers `GET /ready` and `GET /status` (JSON: spool, forwarder, ingest) on
-`--status`.
+`--status`. Reads that reach an ingest listener (GET, HEAD, ...: the hub's dashboard or
+health) are relayed to the proxy's listener for the upstream, `--reads-to`, so they meet
+its timeouts, breaker and fallback.
 
 Listening sockets come from the supervisor when it runs us (`--fds AGENT=FD,...`, and
 `--status-fd FD`): it owns them, so while this process restarts, agents' pushes wait in
@@ -37,6 +39,7 @@ from sidecar.data.ingest import (
     Ingest,
     IngestSettings,
 )
+from sidecar.data.reads import DEFAULT_READS_TIMEOUT_S
 
 log = logging.getLogger("agentvisor.data")
 
@@ -114,7 +117,8 @@ class DataProcess:
 
             self.forwarder = Forwarder(self.spool, hubs)
         self.ingest = Ingest(self.spool, IngestSettings(
-            max_body_bytes=args.max_body_bytes, commit_window_s=args.commit_window),
+            max_body_bytes=args.max_body_bytes, commit_window_s=args.commit_window,
+            reads_to=args.reads_to, reads_timeout_s=args.reads_timeout),
             on_appended=self.forwarder.wake if self.forwarder is not None else None)
         answer = Answer(args.answer_status, args.answer_body.encode(),
                         args.answer_content_type)
@@ -130,8 +134,10 @@ class DataProcess:
             self._sync_timer = asyncio.get_running_loop().call_later(args.sync_interval,
                                                                      self._sync)
         self.ready = True
-        log.info("ready: %d ingest listeners; hubs: %s", len(sockets),
-                 ", ".join(f"{h}:{p}" for h, p in hubs) if hubs else "none (spooling only)")
+        log.info("ready: %d ingest listeners; hubs: %s; reads: %s", len(sockets),
+                 ", ".join(f"{h}:{p}" for h, p in hubs) if hubs else "none (spooling only)",
+                 f"relayed to the proxy at {self.ingest.reads.name}"
+                 if self.ingest.reads is not None else "answered 502 (no --reads-to)")
 
     async def _forward(self) -> None:
         from sidecar.spool import SpoolCorrupt
@@ -291,6 +297,14 @@ def parser() -> argparse.ArgumentParser:
                     help="inherited listening sockets, one per agent")
     ap.add_argument("--hub", type=address, action="append", default=[], metavar="HOST:PORT",
                     help="a hub receiver, nearest first (repeat); none: spool only")
+    ap.add_argument("--reads-to", type=address, default=None, metavar="HOST:PORT",
+                    help="the proxy's listener for the agents' metrics upstream: reads "
+                    "(GET, HEAD, ...) reaching an ingest listener are relayed there; "
+                    "none: they are answered 502")
+    ap.add_argument("--reads-timeout", type=number(float, zero_ok=False),
+                    default=DEFAULT_READS_TIMEOUT_S, metavar="S",
+                    help="a relayed read unanswered this long is answered 504 (the proxy "
+                    "answers the upstream's own timeout first)")
     ap.add_argument("--status", type=address, default=None, metavar="HOST:PORT",
                     help="where to answer GET /ready and GET /status")
     ap.add_argument("--status-fd", type=int, default=None, metavar="FD",
@@ -329,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         names = set(inherited(args.fds))
     except ValueError as exc:
         ap.error(str(exc))
+    if args.reads_to is not None and args.reads_to[1] == 0:
+        ap.error("--reads-to: port 0; give the proxy's listener for the metrics upstream")
     seen: set[str] = set()
     for agent, _ in args.ingest:
         if agent in seen:

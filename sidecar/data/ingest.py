@@ -18,11 +18,14 @@ When the spool is full (or failing), pushes get 503 with `Retry-After` and the r
 are counted: nothing already answered is ever dropped to make room.
 
 Reads (GET, HEAD and every other method) are not ingest's business: they belong to the
-hub. Once the lead puts the proxy in front of these listeners (issue 11, `deliver:
-store_forward`), the proxy sends them on to the hub with its breaker and fallback; until
-then, a read that reaches ingest is answered 502 saying so.
+hub, and must meet the upstream's timeouts, breaker and fallback. With `reads_to` (the
+proxy's listener for the upstream, `--reads-to`), each read is relayed there as it came
+and the proxy's answer takes its turn among the connection's answers (`sidecar.data.reads`);
+without it, a read is answered 502 saying reads go through the proxy. The method is known
+when the request target begins (`on_url`), so only a read's fields are kept: a push costs
+what it did.
 
-One asyncio Protocol per connection, one httptools parser, no task per request. Answers go
+One asyncio Protocol per connection, one httptools parser, no task per push. Answers go
 out in request order (an answer ready early waits behind earlier pushes still committing),
 gathered into one write per commit. One timer for the whole server closes connections idle
 for too long and answers 408 to requests stalled half-way.
@@ -42,6 +45,7 @@ from typing import Callable
 
 import httptools
 
+from sidecar.data.reads import DEFAULT_READS_TIMEOUT_S, ReadRelay, relayed_request
 from sidecar.spool import Push, Record, Spool, SpoolFull
 
 log = logging.getLogger("agentvisor.data.ingest")
@@ -149,6 +153,9 @@ class IngestSettings:
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    # The proxy's listener for this upstream, where reads are relayed; None: answered 502.
+    reads_to: tuple[str, int] | None = None
+    reads_timeout_s: float = DEFAULT_READS_TIMEOUT_S
 
 
 class AgentIngest:
@@ -167,7 +174,7 @@ class AgentIngest:
         self.refused = 0  # pushes answered 503 (spool full or failing)
         self.malformed = 0  # requests answered 400
         self.too_large = 0  # pushes answered 413
-        self.reads = 0  # other methods, answered 502
+        self.reads = 0  # other methods: relayed to the proxy, or answered 502 without it
         self.timeouts = 0  # requests answered 408
         self.last_seq = 0
         self.connections = 0
@@ -312,12 +319,14 @@ class IngestConnection(asyncio.Protocol):
 
     __slots__ = (
         # fixed for the connection
-        "ingest", "agent", "_loop", "_parser", "_max_body",
+        "ingest", "agent", "_loop", "_parser", "_max_body", "_relay",
         # the connection
         "transport", "_queue", "_paused", "_eof", "_done", "_since",
         # the request being parsed
-        "_in_message", "_url", "_ctype", "_length", "_expect", "_method", "_push",
+        "_in_message", "_url", "_ctype", "_length", "_expect", "_method", "_keep_body",
         "_body", "_body_bytes", "_too_large",
+        # a read being relayed: its fields as they came (None: a push, or not relayed)
+        "_read_fields",
         # the last request's path and type, as bytes and as text
         "_last_url", "_last_ctype",
     )
@@ -328,6 +337,7 @@ class IngestConnection(asyncio.Protocol):
         self._loop = ingest.loop
         self._parser = httptools.HttpRequestParser(self)
         self._max_body = ingest.settings.max_body_bytes
+        self._relay = ingest.reads
         self.transport: asyncio.Transport | None = None
         # Answers in request order: [bytes or None while committing, close after it].
         self._queue: deque[list] = deque()
@@ -341,10 +351,11 @@ class IngestConnection(asyncio.Protocol):
         self._length = -1
         self._expect = False
         self._method: str | None = None
-        self._push = False
+        self._keep_body = False  # a push's body, or a relayed read's
         self._body: list[bytes] = []
         self._body_bytes = 0
         self._too_large = False
+        self._read_fields: list[tuple[bytes, bytes]] | None = None
         self._last_url = (b"", "")
         self._last_ctype = (b"", "")
 
@@ -429,9 +440,28 @@ class IngestConnection(asyncio.Protocol):
         self._too_large = False
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        if self._url:  # the rest of a target that came in pieces
+            self._url += url
+            return
+        self._url = url
+        # The method is parsed by now: a push or a read is told apart before the fields,
+        # so that only a read to relay keeps them all.
+        method = self._method = _PUSH_METHODS.get(self._parser.get_method())
+        if method is not None:
+            self._keep_body = True
+        elif self._relay is not None:
+            self._keep_body = True
+            self._read_fields = []
+        else:
+            self._keep_body = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        fields = self._read_fields
+        if fields is not None:  # a read to relay: every field goes on as it came
+            fields.append((name, value))
+            if len(name) == 6 and name.lower() == b"expect":
+                self._expect = value.lower() == b"100-continue"
+            return
         field = _FIELDS.get(name)
         if field is None:
             if len(name) not in _FIELD_LENGTHS:
@@ -445,10 +475,8 @@ class IngestConnection(asyncio.Protocol):
             self._expect = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
-        self._method = method = _PUSH_METHODS.get(self._parser.get_method())
-        self._push = method is not None
-        if method is None:
-            return
+        if not self._keep_body:
+            return  # a read answered here (no proxy to relay it to): its body is dropped
         if self._length > self._max_body:
             self._too_large = True
             if self._expect:  # the agent waits for word before sending the body: say no
@@ -457,8 +485,8 @@ class IngestConnection(asyncio.Protocol):
             self._answer(CONTINUE)
 
     def on_body(self, body: bytes) -> None:
-        if not self._push or self._done:
-            return  # a read's body, or a push already refused: not kept
+        if not self._keep_body or self._done:
+            return  # a read's body, not relayed; or a request already refused: not kept
         n = self._body_bytes = self._body_bytes + len(body)
         if self._too_large:
             if n > MAX_DISCARD_BYTES:
@@ -474,11 +502,8 @@ class IngestConnection(asyncio.Protocol):
         if self._done:
             return  # refused before its end (413 with Expect)
         keep = self._parser.should_keep_alive() and not self.ingest.draining
-        if not self._push:
-            self.agent.reads += 1
-            head = self._parser.get_method() == b"HEAD"
-            self._answer(reply(502, READS_ELSEWHERE, close=not keep, head_only=head),
-                         close=not keep)
+        if self._method is None:
+            self._read(keep)
         elif self._too_large:
             self._refuse_too_large()
         else:
@@ -501,11 +526,42 @@ class IngestConnection(asyncio.Protocol):
             if not keep:
                 self._done = True
 
+    def _read(self, keep: bool) -> None:
+        """A read: relayed to the proxy, its answer in its turn; or 502 without one."""
+        self.agent.reads += 1
+        method = self._parser.get_method()
+        head = method == b"HEAD"
+        fields, self._read_fields = self._read_fields, None
+        if fields is None:
+            # No proxy to relay to (no --reads-to: ingest run alone): say where reads go.
+            self._answer(reply(502, READS_ELSEWHERE, close=not keep, head_only=head),
+                         close=not keep)
+            return
+        if self._too_large:
+            self._refuse_too_large()
+            return
+        if method == b"CONNECT":
+            self._answer(reply(405, "agentvisor: CONNECT is not relayed to the hub",
+                               close=True), close=True)
+            return
+        body = self._body
+        request = relayed_request(method, self._url, fields,
+                                  body[0] if len(body) == 1 else b"".join(body))
+        entry = [None, not keep]
+        self._queue.append(entry)
+        if not keep:
+            self._done = True
+        self._relay.relay(self, entry, request, method=method,  # type: ignore[union-attr]
+                          head_only=head, close=not keep,
+                          http11=self._parser.get_http_version() == "1.1")
+        if len(self._queue) > MAX_WAITING_ANSWERS:
+            self._pause(_BACKLOG)
+
     # -- answers, in request order
 
     def _refuse_too_large(self) -> None:
         self.agent.too_large += 1
-        self._answer(reply(413, f"agentvisor: a push body is limited to {self._max_body} "
+        self._answer(reply(413, f"agentvisor: a request body is limited to {self._max_body} "
                                 "bytes", close=True), close=True)
 
     def _answer(self, data: bytes, close: bool = False) -> None:
@@ -573,6 +629,9 @@ class Ingest:
         self.loop = loop or asyncio.get_running_loop()
         self.settings = settings or IngestSettings()
         self.commit = GroupCommit(spool, self.settings, on_appended, self.loop)
+        reads_to = self.settings.reads_to
+        self.reads = (ReadRelay(reads_to, timeout_s=self.settings.reads_timeout_s,
+                                loop=self.loop) if reads_to is not None else None)
         self.agents: dict[str, AgentIngest] = {}
         self.connections: set[IngestConnection] = set()
         self.servers: list[asyncio.AbstractServer] = []
@@ -611,6 +670,7 @@ class Ingest:
         commit = self.commit
         return {**totals, "refusing": commit.refusing, "spool_failed": commit.failed,
                 "batches": commit.batches, "largest_batch": commit.largest_batch,
+                "reads_relay": self.reads.status() if self.reads is not None else None,
                 "agents": agents}
 
     async def drain(self, timeout_s: float) -> None:
@@ -631,6 +691,8 @@ class Ingest:
             for conn in list(self.connections):
                 if conn.transport is not None:
                     conn.transport.abort()
+        if self.reads is not None:
+            await self.reads.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -21,14 +21,16 @@ from typing import Any, Mapping, Sequence
 
 import psutil
 
-from supervisor.paths import default_logs_dir, default_runtime_dir
+from supervisor.paths import default_logs_dir, default_runtime_dir, default_state_dir
 
 from . import legacy, overlay, validate, yamlsrc
 from .model import (
     DEFAULT_RESOURCE_INTERVAL_S, AgentSpec, Backoff, ConfigError, HealthCheck, HostConfig, ProbeKind, Problem,
-    Intercept, ResourceLimits, RestartMode, RestartPolicy, SecretsConfig, errors, warnings,
+    WARNING, Intercept, ResourceLimits, RestartMode, RestartPolicy, SecretsConfig, errors,
+    warnings,
 )
-from sidecar.config import SidecarSettings, UpstreamPolicy, parse_sidecar, parse_upstreams
+from sidecar.config import (DataSettings, Deliver, SidecarSettings, UpstreamPolicy, parse_data,
+                            parse_sidecar, parse_upstreams)
 from sidecar.routing import self_loops
 
 SCHEMA_NAME = "agentvisor.schema.json"
@@ -131,6 +133,9 @@ def validate_file(
                                                    resilience=data.get("resilience"))
     sidecar, sidecar_problems = parse_sidecar(data.get("sidecar"))
     sidecar_problems += self_loops(upstreams, sidecar)
+    data_settings, data_problems = parse_data(data.get("hubs"), data.get("spool"))
+    sidecar_problems += data_problems
+    problems += _forwarding_warnings(source, upstreams, data_settings)
     problems = validate.by_line(problems + [
         source.problem(p.path, None, p.message) for p in upstream_problems + sidecar_problems])
     paths = _Paths(
@@ -143,6 +148,9 @@ def validate_file(
                       or default_logs_dir()).absolute(),
     )
     config = replace(_build(data, path, paths, upstreams, sidecar, context),
+                     data=data_settings,
+                     state_dir=Path(_under(folder, data.get("state_dir"))
+                                    or default_state_dir()).absolute(),
                      overlays=tuple(Path(os.path.abspath(o)) for o in overlays),
                      project_root_reason=project_root_reason,
                      warnings=tuple(warnings(problems)))
@@ -182,6 +190,20 @@ def _process(pid: int | None) -> str:
         return f"pid {pid}, {psutil.Process(pid).name()}"
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return f"pid {pid}"
+
+
+def _forwarding_warnings(source, upstreams: Mapping[str, UpstreamPolicy],
+                         data: DataSettings) -> list[Problem]:
+    """Valid, but surely not meant: pushes kept and never forwarded, or hubs nobody uses."""
+    kept = [n for n, u in upstreams.items() if u.deliver is Deliver.STORE_FORWARD]
+    if kept and not data.hubs:
+        return [source.problem(("upstreams", kept[0], "deliver"), None,
+                               "no hubs: pushes are kept in the spool and never forwarded "
+                               "(set hubs:, nearest first)", severity=WARNING)]
+    if data.hubs and not kept:
+        return [source.problem(("hubs",), None, "no upstream is deliver: store_forward: "
+                               "nothing is forwarded to these hubs", severity=WARNING)]
+    return []
 
 
 def _under(folder: Path, value: Any) -> Path | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sidecar.config import SidecarSettings, UpstreamPolicy
+from sidecar.config import DataSettings, SidecarSettings, UpstreamPolicy
 
 # --- defaults, each with why -------------------------------------------------------
 
@@ -182,6 +182,9 @@ class HostConfig:
     environment: Mapping[str, str] = field(default_factory=dict)
     upstreams: Mapping[str, UpstreamPolicy] = field(default_factory=dict)
     sidecar: SidecarSettings = field(default_factory=SidecarSettings)
+    # The data process's (store_forward pushes: hubs, spool) and where it keeps them.
+    data: DataSettings = field(default_factory=DataSettings)
+    state_dir: Path = Path("/var/lib/agentvisor")
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     resource_interval_s: float = DEFAULT_RESOURCE_INTERVAL_S
     control_group: str | None = None  # may use the control socket besides root/our user

@@ -31,7 +31,7 @@ The merge rule:
   config in the legacy shape, exactly as if it had been written in one file.
 - Every value keeps the file and line it came from (`Source.files`, `Source.lines`), so a
   problem is reported where the operator has to edit: an overlay's value at the overlay.
-- A relative path setting (`project_root`, `runtime_dir`, `logs.dir`, `secrets.dir`,
+- A relative path setting (`project_root`, `runtime_dir`, `state_dir`, `logs.dir`, `secrets.dir`,
   `secrets.sealed_dir`, `secrets.key_file`) is relative to the folder of the file that
   sets it, as in a single file.
 
@@ -60,7 +60,7 @@ MAX_INCLUDE_DEPTH = 8
 INCLUDE, AGENTS = "include", "agents"
 # Settings that name a folder or file, relative to the file that sets them.
 PATH_SETTINGS: tuple[PathKey, ...] = (
-    ("project_root",), ("runtime_dir",), ("logs", "dir"),
+    ("project_root",), ("runtime_dir",), ("state_dir",), ("logs", "dir"),
     ("secrets", "dir"), ("secrets", "sealed_dir"), ("secrets", "key_file"),
 )
 

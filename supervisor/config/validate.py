@@ -155,18 +155,7 @@ def semantic_problems(source: Source, context: Context) -> list[Problem]:
         *probes_without_port(source, entries, context.ports),
         *intercept_problems(source, entries),
         *nul_characters(source, entries),
-        *reserved_keys(source),
     ]
-
-
-# Native keys the schema names for what is not built yet: an error, never silently ignored.
-_RESERVED = {"hubs": "metrics store-and-forward is not in this version; remove `hubs:`"}
-
-
-def reserved_keys(source: Source) -> list[Problem]:
-    data = source.data if isinstance(source.data, dict) else {}
-    return [source.problem((key,), None, message) for key, message in _RESERVED.items()
-            if key in data]
 
 
 def by_line(problems: list[Problem]) -> list[Problem]:
@@ -548,7 +537,7 @@ def probes_without_port(source: Source, entries: list[Entry],
 
 
 # The supervisor's own child in status and in every agent's dependencies.
-RESERVED_NAMES = {"sidecar"}
+RESERVED_NAMES = {"sidecar", "sidecar-data"}
 
 
 def intercept_problems(source: Source, entries: list[Entry]) -> list[Problem]:

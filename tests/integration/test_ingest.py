@@ -11,7 +11,9 @@ it answered before.
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
+import select
 import signal
 import socket
 import subprocess
@@ -442,6 +444,9 @@ def test_configured_answer(data):
     (["--ingest", "A=127.0.0.1:1", "--answer-status", "500"], "2xx"),
     (["--ingest", "A=127.0.0.1:1", "--max-bytes", "0"], "more than 0"),
     (["--ingest", "A=127.0.0.1:1", "--fds", "A"], "AGENT=FD"),
+    (["--ingest", "A=127.0.0.1:1", "--reads-to", "127.0.0.1:0"], "port 0"),
+    (["--ingest", "A=127.0.0.1:1", "--reads-to", "proxy"], "is not host:port"),
+    (["--ingest", "A=127.0.0.1:1", "--reads-timeout", "0"], "more than 0"),
     ([], "nothing to do"),
 ])
 def test_bad_command_line_is_explained(tmp_path, args, says):
@@ -483,3 +488,229 @@ def test_inherited_listener_is_served(tmp_path):
         assert [r.agent for r in d.records()] == ["Inherited"]
     finally:
         d.kill()
+
+
+# -- reads relayed to the proxy (--reads-to)
+
+DASHBOARD = b"<html><body>hub dashboard</body></html>"
+
+
+class ReadsOrigin:
+    """A stand-in for the proxy's listener at --reads-to (which answers as the hub does,
+    through its breaker and fallback): answers reads by path, and records what it was
+    sent: (method, path, fields, body, the client's port). `/held` answers only once
+    `release` is set."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str, dict, bytes, int]] = []
+        self.release = threading.Event()
+        origin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def answer(self):
+                n = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(n) if n else b""
+                origin.requests.append((self.command, self.path, dict(self.headers), body,
+                                        self.client_address[1]))
+                origin.route(self)
+
+            do_GET = do_HEAD = do_DELETE = do_OPTIONS = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def route(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?")[0]
+        head = h.command == "HEAD"
+        if path == "/chunked":
+            h.send_response(200)
+            h.send_header("Content-Type", "text/plain")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            h.wfile.write(b"5\r\nhello\r\n7\r\n, hub! \r\n0\r\n\r\n")
+        elif path == "/close":  # close-delimited: no length, the end of the connection
+            h.send_response(200)
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.wfile.write(b"until the end")
+            h.close_connection = True
+        else:
+            status, body = (404, b"no such page") if path == "/missing" else (200, DASHBOARD)
+            if path == "/held":
+                self.release.wait(20)
+                body = b"held answer"
+            h.send_response(status)
+            h.send_header("Content-Type", "text/html")
+            h.send_header("X-Hub", "central")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            if not head:
+                h.wfile.write(body)
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def origin():
+    o = ReadsOrigin()
+    yield o
+    o.close()
+
+
+def read_answer(f) -> tuple[int, dict, bytes]:
+    """One answer off a raw connection: (status, fields lower-cased, body by length)."""
+    status = int(f.readline().split()[1])
+    fields = {}
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        fields[name.lower()] = value.strip()
+    return status, fields, f.read(int(fields.get("content-length", 0)))
+
+
+def test_reads_reach_the_proxy_and_its_answers_come_back(data, origin):
+    d = data("--reads-to", f"127.0.0.1:{origin.port}").start()
+    conn = d.connect("A")
+    conn.request("GET", "/dashboard?view=agents", headers={"X-Operator": "alice"})
+    r = conn.getresponse()
+    assert (r.status, r.read()) == (200, DASHBOARD)
+    assert (r.headers["X-Hub"], r.headers["Content-Type"]) == ("central", "text/html")
+    sock = conn.sock
+    # Chunked as the proxy sent it; close-delimited gets a length, so keep-alive holds.
+    conn.request("GET", "/chunked")
+    r = conn.getresponse()
+    assert (r.status, r.headers["Transfer-Encoding"], r.read()) == (200, "chunked",
+                                                                    b"hello, hub! ")
+    conn.request("GET", "/close")
+    r = conn.getresponse()
+    assert (r.status, r.read()) == (200, b"until the end")
+    conn.request("GET", "/missing")
+    r = conn.getresponse()
+    assert (r.status, r.read()) == (404, b"no such page")
+    conn.request("HEAD", "/dashboard")
+    r = conn.getresponse()
+    assert (r.status, r.headers["Content-Length"], r.read()) == (200, str(len(DASHBOARD)),
+                                                                 b"")
+    conn.request("DELETE", "/alerts/7", body=b"acknowledged")
+    assert conn.getresponse().read() == DASHBOARD
+    # And pushes on the same connection are ingest's, as ever.
+    conn.request("POST", "/api/metrics", body=b'{"cpu": 1}',
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    r.read()
+    assert (r.status, r.headers["X-Agentvisor-Seq"]) == (200, "1")
+    assert conn.sock is sock, "the agent's connection was not kept alive"
+    conn.close()
+    seen = [(m, p, b) for m, p, _, b, _ in origin.requests]
+    assert seen == [("GET", "/dashboard?view=agents", b""), ("GET", "/chunked", b""),
+                    ("GET", "/close", b""), ("GET", "/missing", b""),
+                    ("HEAD", "/dashboard", b""), ("DELETE", "/alerts/7", b"acknowledged")]
+    assert origin.requests[0][2]["X-Operator"] == "alice"
+    assert origin.requests[0][2]["Host"] == f"127.0.0.1:{d.ports['A']}"
+    status = d.status()["ingest"]
+    assert status["agents"]["A"]["reads"] == 6
+    relay = status["reads_relay"]
+    assert (relay["relayed"], relay["failed"], relay["timeouts"]) == (6, 0, 0)
+    # Connections to the proxy are reused (the close-delimited answer and HEAD end theirs).
+    assert relay["connects"] < 6
+    assert origin.requests[0][4] == origin.requests[1][4]
+    assert d.stop() == 0
+    assert [(r.path, r.body) for r in d.records()] == [("/api/metrics", b'{"cpu": 1}')]
+
+
+def test_a_push_after_a_read_is_answered_after_it(data, origin):
+    d = data("--reads-to", f"127.0.0.1:{origin.port}").start()
+    pipelined = (b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nfirst"
+                 b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecond")
+    with socket.create_connection(("127.0.0.1", d.ports["A"]), timeout=10) as s:
+        s.sendall(pipelined)
+        f = s.makefile("rb")
+        status, fields, _ = read_answer(f)
+        assert (status, fields["x-agentvisor-seq"]) == (200, "1")
+        # The second push is in the spool, and its answer waits behind the read's.
+        wait_until(lambda: d.status()["ingest"]["accepted"] == 2, 10,
+                   "the second push to be stored")
+        assert select.select([s], [], [], 0)[0] == [], "an answer overtook the read's"
+        origin.release.set()
+        status, fields, body = read_answer(f)
+        assert (status, fields["x-hub"], body) == (200, "central", b"held answer")
+        status, fields, _ = read_answer(f)
+        assert (status, fields["x-agentvisor-seq"]) == (200, "2")
+    assert d.stop() == 0
+    assert [r.body for r in d.records()] == [b"first", b"second"]
+
+
+def test_proxy_down_reads_get_502_and_pushes_go_on(data):
+    nowhere = free_port()  # nothing listens there
+    d = data("--reads-to", f"127.0.0.1:{nowhere}").start()
+    conn = d.connect("A")
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    body = r.read()
+    assert r.status == 502
+    assert f"sidecar proxy at 127.0.0.1:{nowhere}".encode() in body and b"refused" in body
+    conn.request("HEAD", "/health")
+    r = conn.getresponse()
+    assert (r.status, r.read()) == (502, b"")
+    conn.request("POST", "/api/metrics", body=b"still stored")
+    r = conn.getresponse()
+    r.read()
+    assert (r.status, r.headers["X-Agentvisor-Seq"]) == (200, "1")
+    conn.close()
+    relay = d.status()["ingest"]["reads_relay"]
+    assert (relay["relayed"], relay["failed"]) == (0, 2) and "refused" in relay["failing"]
+    assert "WARNING" in d.log() and "/health" in d.log()
+    assert d.stop() == 0
+    assert [r.body for r in d.records()] == [b"still stored"]
+
+
+def test_a_read_the_proxy_never_answers_gets_504_in_time(data):
+    # Connections complete in the kernel's backlog; nothing ever reads or answers them.
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        d = data("--reads-to", f"127.0.0.1:{silent.getsockname()[1]}",
+                 "--reads-timeout", "0.5").start()
+        conn = d.connect("A")
+        began = time.monotonic()
+        conn.request("GET", "/dashboard")
+        r = conn.getresponse()
+        body = r.read()
+        took = time.monotonic() - began
+        assert r.status == 504 and b"did not answer this read in 0.5 s" in body
+        assert 0.5 <= took < 5, took
+        conn.request("POST", "/api/metrics", body=b"after the 504")
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200  # the same connection, kept alive
+        conn.close()
+        assert d.status()["ingest"]["reads_relay"]["timeouts"] == 1
+        assert d.stop() == 0
+        assert [r.body for r in d.records()] == [b"after the 504"]
+    finally:
+        silent.close()
+
+
+def test_sigterm_answers_the_read_in_flight_and_exits_0(data, origin):
+    d = data("--reads-to", f"127.0.0.1:{origin.port}").start()
+    with socket.create_connection(("127.0.0.1", d.ports["A"]), timeout=10) as s:
+        s.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: origin.requests, 10, "the read to reach the proxy")
+        d.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: not d.ready(), 10, "the data process to begin draining")
+        origin.release.set()
+        f = s.makefile("rb")
+        status, _, body = read_answer(f)
+        assert (status, body) == (200, b"held answer")
+        assert f.read() == b""  # then closed: the process is going
+    assert d.proc.wait(20) == 0

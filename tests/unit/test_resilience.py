@@ -1,5 +1,5 @@
 """`resilience:` gives every upstream its policy defaults, and is checked where it is
-written; `hubs:` (not built yet) is an error, never silently ignored."""
+written, as `hubs:` is."""
 
 from pathlib import Path
 
@@ -42,9 +42,33 @@ def test_bad_defaults_are_reported_at_their_place_and_reach_no_upstream():
 
 def test_validate_reports_both_with_lines(tmp_path: Path):
     cfg = tmp_path / "host.yaml"
-    cfg.write_text("hubs: ['127.0.0.1:9190']\n"
+    cfg.write_text("hubs: ['127.0.0.1:9190', 'nowhere']\n"
                    "resilience: {request_timeout_s: -1}\n"
                    "pc2_services:\n  - {name: A, command: [sleep, '1']}\n")
     _, problems = validate_file(cfg, check_machine=False)
     found = {(p.line, p.location) for p in problems if p.severity == "error"}
-    assert found == {(1, "hubs"), (2, "resilience.request_timeout_s")}, problems
+    assert found == {(1, "hubs[1]"), (2, "resilience.request_timeout_s")}, problems
+
+
+def test_store_forward_hubs_and_spool_are_read_and_checked():
+    from sidecar.config import Deliver, parse_data
+
+    policies, problems = parse_upstreams({
+        "Hub": {"address": "127.0.0.1:9000", "protocol": "http", "deliver": "store_forward"},
+        "Raw": {"address": "127.0.0.1:9001", "deliver": "store_forward"},
+        "Second": {"address": "127.0.0.1:9002", "protocol": "http", "deliver": "store_forward"},
+    })
+    assert policies["Hub"].deliver is Deliver.STORE_FORWARD
+    assert policies["Raw"].deliver is Deliver.PROXY  # refused: tcp has no pushes to keep
+    where = {".".join(map(str, p.path)): p.message for p in problems}
+    assert "needs protocol: http" in where["upstreams.Raw.deliver"]
+    assert "one metrics upstream per host" in where["upstreams.Second.deliver"]
+
+    data, problems = parse_data(["127.0.0.1:9190", "[::1]:9190"],
+                                {"max_mb": 64, "sync_interval_s": 0})
+    assert problems == []
+    assert data.hubs == (("127.0.0.1", 9190), ("::1", 9190))
+    assert (data.spool_max_mb, data.sync_interval_s) == (64, 0.0)
+    _, problems = parse_data("127.0.0.1:9190", {"max_mb": 0, "extra": 1})
+    assert {".".join(map(str, p.path)) for p in problems} == {"hubs", "spool.max_mb",
+                                                               "spool.extra"}

@@ -1,0 +1,129 @@
+"""`deliver: store_forward` end to end under the supervisor: an unmodified agent POSTs its
+metrics to ${upstream:ObservabilityHub} as it always did; each push is answered from the
+host's spool at once, and reaches the hub (a real `python -m sidecar.hub` receiver in
+front of a stand-in legacy hub) exactly once and in order, also across a hub outage; a
+GET still goes through the proxy to the hub."""
+
+from __future__ import annotations
+
+import json
+
+from tests.integration.harness import free_port, wait_until
+from tests.integration.hubside import LegacyHub, Receiver
+
+# An agent as the fleet's are written: it reads the hub's URL from its environment and
+# POSTs a JSON document every few milliseconds, counting what it was answered.
+PUSHER = """
+import json, os, sys, time, urllib.request
+url = os.environ["OBS_HUB_URL"]
+out = open(os.environ["PUSH_LOG"], "a")
+for n in range(1, int(os.environ["PUSHES"]) + 1):
+    body = json.dumps({"agent": os.environ["AGENT_NAME"], "n": n}).encode()
+    req = urllib.request.Request(url + "/api/metrics", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        out.write(f"{n} {r.status} {r.headers.get('X-Agentvisor-Seq')}\\n")
+        out.flush()
+    time.sleep(0.005)
+time.sleep(3600)
+"""
+
+# A dashboard reader: its GET is not a push, and goes through to the hub.
+READER = """
+import os, time, urllib.request
+with urllib.request.urlopen(os.environ["OBS_HUB_URL"] + "/dashboard", timeout=10) as r:
+    open(os.environ["READ_LOG"], "w").write(f"{r.status} {r.headers.get('X-Agentvisor-Seq')}")
+time.sleep(3600)
+"""
+
+
+def _config(fleet, tmp_path, legacy: LegacyHub, hub_port: int, agents: dict) -> dict:
+    return {
+        "state_dir": str(tmp_path / "state"),
+        "upstreams": {"ObservabilityHub": {"address": f"127.0.0.1:{legacy.port}",
+                                           "protocol": "http", "deliver": "store_forward"}},
+        "hubs": [f"127.0.0.1:{hub_port}"],
+        "sidecar": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        "agent_groups": {"reporters": agents},
+    }
+
+
+def _pusher(fleet, tmp_path, name: str, pushes: int) -> dict:
+    return {"script_path": fleet.script(f"{name.lower()}.py", PUSHER),
+            "env_vars": {"OBS_HUB_URL": "http://${upstream:ObservabilityHub}",
+                         "PUSH_LOG": str(tmp_path / f"{name}.pushes"), "PUSHES": str(pushes)}}
+
+
+def _answered(tmp_path, name: str) -> list[tuple[int, ...]]:
+    path = tmp_path / f"{name}.pushes"
+    lines = path.read_text().split() if path.exists() else []
+    return [tuple(map(int, lines[i:i + 3])) for i in range(0, len(lines) - 2, 3)]
+
+
+def _at_hub(legacy: LegacyHub, name: str) -> list[int]:
+    return [json.loads(r["body"])["n"] for r in legacy.received()
+            if r["headers"].get("X-Agentvisor-Agent") == name]
+
+
+def test_pushes_are_spooled_answered_at_once_and_reach_the_hub_in_order(fleet, tmp_path):
+    legacy = LegacyHub(tmp_path).start()
+    receiver = Receiver(tmp_path, legacy.port).start()
+    try:
+        pushes = 60
+        agents = {n: _pusher(fleet, tmp_path, n, pushes) for n in ("Alpha", "Beta")}
+        agents["Reader"] = {"script_path": fleet.script("reader.py", READER),
+                            "env_vars": {"OBS_HUB_URL": "http://${upstream:ObservabilityHub}",
+                                         "READ_LOG": str(tmp_path / "read")}}
+        fleet.write_config(_config(fleet, tmp_path, legacy, receiver.port, agents))
+        fleet.start()
+        for name in agents:
+            fleet.wait_state(name, "RUNNING")
+        pushers = ("Alpha", "Beta")
+        wait_until(lambda: all(len(_answered(tmp_path, n)) == pushes for n in pushers), 60,
+                   "every push answered")
+        for name in pushers:  # answered 200 from the spool, its sequence in the header
+            assert _answered(tmp_path, name) == [(n, 200, n) for n in range(1, pushes + 1)]
+        wait_until(lambda: all(len(_at_hub(legacy, n)) == pushes for n in pushers), 60,
+                   "every push at the legacy hub")
+        for name in pushers:  # exactly once, in order, with who sent it
+            assert _at_hub(legacy, name) == list(range(1, pushes + 1))
+        assert {r["headers"]["X-Agentvisor-Host"] for r in legacy.received()
+                if r["method"] == "POST"} == {"TestHost"}
+        # The read went through to the hub (the proxy's way), not into the spool.
+        wait_until(lambda: (tmp_path / "read").exists(), 20, "the reader's GET answered")
+        assert (tmp_path / "read").read_text() == "200 None"
+        assert [r["path"] for r in legacy.received() if r["method"] == "GET"] == ["/dashboard"]
+        assert (tmp_path / "state").is_dir()
+        status = fleet.status()
+        data = next(a for a in status["agents"] if a["name"] == "sidecar-data")
+        assert data["state"] == "RUNNING"
+        assert status["upstreams"]["ObservabilityHub"]["listen"] == "per agent (spooled)"
+    finally:
+        receiver.kill()
+        legacy.stop()
+
+
+def test_a_partition_loses_nothing_and_the_backlog_drains_when_the_hub_returns(
+        fleet, tmp_path):
+    """No hub at first (partitioned): the agent is answered from the spool all the same;
+    the hub comes up, and everything reaches it once, in order, while the agent goes on
+    pushing."""
+    legacy = LegacyHub(tmp_path).start()
+    hub_port = free_port()
+    pushes = 150
+    fleet.write_config(_config(fleet, tmp_path, legacy, hub_port,
+                               {"Gamma": _pusher(fleet, tmp_path, "Gamma", pushes)}))
+    fleet.start()
+    receiver = None
+    try:
+        wait_until(lambda: len(_answered(tmp_path, "Gamma")) >= pushes // 2, 60,
+                   "pushes answered while no hub is reachable")
+        assert _at_hub(legacy, "Gamma") == []  # nothing could have gone anywhere
+        receiver = Receiver(tmp_path, legacy.port, port=hub_port).start()
+        wait_until(lambda: len(_answered(tmp_path, "Gamma")) == pushes, 60, "every push answered")
+        wait_until(lambda: len(_at_hub(legacy, "Gamma")) == pushes, 60, "the backlog drained")
+        assert _at_hub(legacy, "Gamma") == list(range(1, pushes + 1))
+    finally:
+        if receiver is not None:
+            receiver.kill()
+        legacy.stop()
