@@ -511,17 +511,29 @@ DEFAULT_SPOOL_SYNC_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
+class HubSettings:
+    """`hub:`: this host runs a hub receiver for the fleet's forwarders, in front of its
+    legacy hub agent."""
+
+    listen: tuple[str, int]  # where forwarders (this host's and the others') send batches
+    deliver_to: tuple[str, int]  # the legacy hub agent, e.g. 127.0.0.1:9000
+
+
+@dataclass(frozen=True)
 class DataSettings:
     """The data process's: where store_forward pushes go (`hubs:`, nearest first) and how
-    the spool keeps them (`spool:`)."""
+    the spool keeps them (`spool:`); and the hub receiver this host runs, if any."""
 
     hubs: tuple[tuple[str, int], ...] = ()
     spool_max_mb: int = DEFAULT_SPOOL_MAX_MB
     sync_interval_s: float = DEFAULT_SPOOL_SYNC_INTERVAL_S
+    hub: HubSettings | None = None
 
 
-def parse_data(hubs: Any, spool: Any) -> tuple[DataSettings, list[UpstreamProblem]]:
+def parse_data(hubs: Any, spool: Any, hub: Any = None) -> tuple[DataSettings,
+                                                                list[UpstreamProblem]]:
     problems: list[UpstreamProblem] = []
+    receiver = _hub(hub, problems)
     found: list[tuple[str, int]] = []
     if hubs is not None:
         if not isinstance(hubs, list) or not hubs:
@@ -543,7 +555,32 @@ def parse_data(hubs: Any, spool: Any) -> tuple[DataSettings, list[UpstreamProble
         hubs=tuple(found),
         spool_max_mb=p.count(block, "max_mb", DEFAULT_SPOOL_MAX_MB, (), 1),
         sync_interval_s=p.number(block, "sync_interval_s", DEFAULT_SPOOL_SYNC_INTERVAL_S),
+        hub=receiver,
     ), problems
+
+
+def _hub(block: Any, problems: list[UpstreamProblem]) -> HubSettings | None:
+    if block is None:
+        return None
+    if not isinstance(block, Mapping):
+        problems.append(UpstreamProblem(("hub",), "must be a mapping with listen and "
+                                        "deliver_to"))
+        return None
+    before = len(problems)
+    p = _Parser(("hub",), problems)
+    p.check_keys(block, {"listen", "deliver_to"})
+    for key in ("listen", "deliver_to"):
+        if key not in block:
+            p.bad((key,), "is required")
+    # Forwarders on the other PC are told this port: a fixed one.
+    listen = p.address(block, "listen", ("0.0.0.0", 0), any_port=False)
+    deliver = block.get("deliver_to")
+    problem = address_problem(deliver) if "deliver_to" in block else None
+    if problem:
+        p.bad(("deliver_to",), problem)
+    if len(problems) > before:
+        return None
+    return HubSettings(listen=listen, deliver_to=parse_address(deliver) or ("", 0))
 
 
 def parse_sidecar(data: Any, where: Path = ("sidecar",)) -> tuple[SidecarSettings,

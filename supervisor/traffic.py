@@ -33,6 +33,8 @@ from supervisor.paths import SYSTEM_RUNTIME_DIR
 SIDECAR = "sidecar"  # its name in status; reserved
 # The data process (metrics spool and forwarding), run when an upstream is store_forward.
 DATA = "sidecar-data"
+# The hub receiver, run when the host config has `hub:`.
+HUB = "sidecar-hub"
 # Opening a spool checks every row: a full one (512 MiB) takes several seconds.
 DATA_START_TIMEOUT_S = 120.0
 # The nftables table of the deployed hosts' supervisor (runtime dir /run/agentvisor).
@@ -162,6 +164,8 @@ class Traffic:
             # listener it reached, and agents queue in its backlog while it restarts.
             wanted.update({f"ingest:{a.name}": ("127.0.0.1", 0) for a in config.agents})
             wanted["data-status"] = ("127.0.0.1", 0)
+        if config.data.hub is not None:
+            wanted["hub"] = config.data.hub.listen
         self._bind_all(wanted)
         self._install_redirects(config)
         children = [self._sidecar_spec(config)]
@@ -170,7 +174,10 @@ class Traffic:
         own = tuple(c.name for c in children)
         agents = tuple(dataclasses.replace(a, dependencies=(*a.dependencies, *own))
                        for a in config.agents)
-        return (*children, *agents)
+        # Not a dependency of any agent: a receiver that is down must not hold the fleet
+        # (forwarders elsewhere keep their pushes until it is back).
+        hub = (self._hub_spec(config),) if config.data.hub is not None else ()
+        return (*children, *hub, *agents)
 
     def upstream_address(self, config: HostConfig, name: str, agent: str | None = None) -> str:
         """What ${upstream:NAME} expands to: the sidecar's listener, or (sidecar off)
@@ -279,7 +286,7 @@ class Traffic:
         snapshot = self._write_snapshot(config)
         # The proxy's listeners only: the data process's are handed to it alone.
         own = {n: s for n, s in self.sockets.items()
-               if not n.startswith("ingest:") and n != "data-status"}
+               if not n.startswith("ingest:") and n not in ("data-status", "hub")}
         fds = ",".join(f"{n}={s.fileno()}" for n, s in sorted(own.items()))
         host, port = self.address("metrics")
         settings: SidecarSettings = config.sidecar
@@ -324,6 +331,32 @@ class Traffic:
             restart=SIDECAR_RESTART,
             log_path=config.logs_dir / f"{DATA}.log",
             pass_fds=(status.fileno(), *(self.sockets[n].fileno() for n in ingest)),
+        )
+
+    def _hub_spec(self, config: HostConfig) -> AgentSpec:
+        """The hub receiver: batches from every host's forwarder on `hub.listen`, kept in
+        state_dir with the duplicate marks, delivered in order to the legacy hub."""
+        hub = config.data.hub
+        assert hub is not None
+        sock = self.sockets["hub"]
+        host, port = self.address("hub")
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+        deliver_host, deliver_port = hub.deliver_to
+        argv = (sys.executable, "-m", "sidecar.hub", "--fds", f"listen={sock.fileno()}",
+                "--state-dir", str(config.state_dir),
+                "--deliver-to", f"[{deliver_host}]:{deliver_port}" if ":" in deliver_host
+                else f"{deliver_host}:{deliver_port}",
+                "--name", config.host,
+                "--sync-interval", f"{config.data.sync_interval_s:g}")
+        return AgentSpec(
+            name=HUB, group="agentvisor", location="hub", argv=argv, cwd=self.runtime_dir,
+            script_path=None, required=True,
+            health=HealthCheck(ProbeKind.HTTP, host=probe_host, port=port, path="/ready",
+                               interval_s=5.0, timeout_s=2.0, retries=3,
+                               start_timeout_s=DATA_START_TIMEOUT_S, startup_interval_s=0.05),
+            restart=SIDECAR_RESTART,
+            log_path=config.logs_dir / f"{HUB}.log",
+            pass_fds=(sock.fileno(),),
         )
 
     def _write_snapshot(self, config: HostConfig) -> Path:

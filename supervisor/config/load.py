@@ -133,7 +133,8 @@ def validate_file(
                                                    resilience=data.get("resilience"))
     sidecar, sidecar_problems = parse_sidecar(data.get("sidecar"))
     sidecar_problems += self_loops(upstreams, sidecar)
-    data_settings, data_problems = parse_data(data.get("hubs"), data.get("spool"))
+    data_settings, data_problems = parse_data(data.get("hubs"), data.get("spool"),
+                                              data.get("hub"))
     sidecar_problems += data_problems
     problems += _forwarding_warnings(source, upstreams, data_settings)
     problems = validate.by_line(problems + [

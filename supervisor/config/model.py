@@ -205,8 +205,8 @@ class HostConfig:
     def sidecar_enabled(self) -> bool:
         if self.sidecar.enabled is not None:
             return self.sidecar.enabled
-        return bool(self.upstreams) or any(a.intercept is not Intercept.ENDPOINT
-                                           for a in self.agents)
+        return (bool(self.upstreams) or self.data.hub is not None
+                or any(a.intercept is not Intercept.ENDPOINT for a in self.agents))
 
     def agent(self, name: str) -> AgentSpec:
         for a in self.agents:

@@ -537,7 +537,7 @@ def probes_without_port(source: Source, entries: list[Entry],
 
 
 # The supervisor's own child in status and in every agent's dependencies.
-RESERVED_NAMES = {"sidecar", "sidecar-data"}
+RESERVED_NAMES = {"sidecar", "sidecar-data", "sidecar-hub"}
 
 
 def intercept_problems(source: Source, entries: list[Entry]) -> list[Problem]:

@@ -127,3 +127,27 @@ def test_a_partition_loses_nothing_and_the_backlog_drains_when_the_hub_returns(
         if receiver is not None:
             receiver.kill()
         legacy.stop()
+
+
+def test_a_hub_host_runs_its_receiver_and_forwards_to_it(fleet, tmp_path):
+    """`hub:` in the host config: the supervisor runs the receiver (sidecar-hub) in front
+    of the legacy hub; this host's own pushes are forwarded to it, as MainPC's go to the
+    central hub, and reach the legacy hub once and in order."""
+    legacy = LegacyHub(tmp_path).start()
+    hub_port = free_port()
+    pushes = 40
+    config = _config(fleet, tmp_path, legacy, hub_port,
+                     {"Delta": _pusher(fleet, tmp_path, "Delta", pushes)})
+    config["hub"] = {"listen": f"127.0.0.1:{hub_port}",
+                     "deliver_to": f"127.0.0.1:{legacy.port}"}
+    fleet.write_config(config)
+    fleet.start()
+    try:
+        hub = fleet.wait_state("sidecar-hub", "RUNNING")
+        assert hub["healthy"] is True and hub["required"] is True
+        wait_until(lambda: len(_at_hub(legacy, "Delta")) == pushes, 60,
+                   "Delta's pushes at the legacy hub through this host's own receiver")
+        assert _at_hub(legacy, "Delta") == list(range(1, pushes + 1))
+        assert (tmp_path / "state" / "hub-delivery.db").exists()
+    finally:
+        legacy.stop()

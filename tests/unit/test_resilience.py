@@ -72,3 +72,22 @@ def test_store_forward_hubs_and_spool_are_read_and_checked():
     _, problems = parse_data("127.0.0.1:9190", {"max_mb": 0, "extra": 1})
     assert {".".join(map(str, p.path)) for p in problems} == {"hubs", "spool.max_mb",
                                                                "spool.extra"}
+
+
+def test_hub_block_is_read_and_checked():
+    from sidecar.config import HubSettings, parse_data
+
+    data, problems = parse_data(None, None, {"listen": "127.0.0.1:9190",
+                                             "deliver_to": "127.0.0.1:9000"})
+    assert problems == []
+    assert data.hub == HubSettings(listen=("127.0.0.1", 9190), deliver_to=("127.0.0.1", 9000))
+    for block, where in (({"listen": "127.0.0.1:9190"}, "hub.deliver_to"),
+                         ({"listen": "127.0.0.1:0", "deliver_to": "127.0.0.1:9000"},
+                          "hub.listen"),
+                         ({"listen": "127.0.0.1:9190", "deliver_to": "nowhere"},
+                          "hub.deliver_to"),
+                         ({"listen": "127.0.0.1:9190", "deliver_to": "h:1", "x": 1}, "hub.x"),
+                         ([1], "hub")):
+        data, problems = parse_data(None, None, block)
+        assert data.hub is None
+        assert where in {".".join(map(str, p.path)) for p in problems}, (block, problems)
