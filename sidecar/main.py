@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from sidecar import compiled, control, yamlbounds
+from sidecar.args import inherited
 from sidecar.config import Protocol, SidecarSettings, parse_sidecar, parse_upstreams
 from sidecar.exporter import AgentsCollector
 from sidecar.routing import Router, self_loops
@@ -88,11 +89,7 @@ def descriptors_full() -> str:
 
 def parse_fds(text: str | None) -> dict[str, socket.socket]:
     """'upstream:Hub=5,proxy=6' -> sockets wrapping the inherited descriptors."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        name, _, fd = item.rpartition("=")
-        out[name] = socket.socket(fileno=int(fd))
-    return out
+    return {name: socket.socket(fileno=fd) for name, fd in inherited(text).items()}
 
 
 class Sidecar:

@@ -31,7 +31,8 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from sidecar.args import address, number
+from sidecar.args import address, adopt, inherited, number
+from sidecar.main import listen
 from sidecar.data.ingest import (
     DEFAULT_COMMIT_WINDOW_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -51,22 +52,6 @@ DEFAULT_MAX_BYTES = 512 << 20
 DEFAULT_SYNC_INTERVAL_S = 1.0
 # Requests half-way through are given this long to finish on SIGTERM.
 DEFAULT_DRAIN_S = 5.0
-
-
-def listen(where: tuple[str, int]) -> socket.socket:
-    family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
-    return socket.create_server(where, family=family, backlog=1024)
-
-
-def inherited(text: str | None) -> dict[str, int]:
-    """'A=5,B=6' -> {'A': 5, 'B': 6}; ValueError saying what is wrong."""
-    out: dict[str, int] = {}
-    for item in filter(None, (text or "").split(",")):
-        name, sep, fd = item.rpartition("=")
-        if not sep or not name or not fd.isdigit():
-            raise ValueError(f"--fds {item!r}: expected AGENT=FD")
-        out[name] = int(fd)
-    return out
 
 
 class DataProcess:
@@ -217,17 +202,6 @@ class DataProcess:
                       "are at risk on power loss)", exc)
             self.exit_code = 1
         self.spool.close()
-
-
-def adopt(fd: int, what: str) -> socket.socket:
-    """An inherited listening socket; OSError naming the argument if it is not one."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError as exc:
-        raise OSError(f"{what}: not a socket: {exc.strerror or exc}") from None
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise OSError(f"{what}: not a listening socket")
-    return sock
 
 
 def sockets_from(args: argparse.Namespace) -> tuple[dict[str, socket.socket],

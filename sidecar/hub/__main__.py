@@ -21,7 +21,8 @@ import socket
 import sys
 from pathlib import Path
 
-from sidecar.args import address, number
+from sidecar.args import address, adopt, number
+from sidecar.args import inherited as args_inherited
 
 log = logging.getLogger("agentvisor.hub")
 
@@ -56,16 +57,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def inherited(ap: argparse.ArgumentParser, text: str) -> socket.socket:
-    name, _, fd = text.partition("=")
-    if name != "listen" or not fd.isdigit():
+    try:
+        fds = args_inherited(text)
+    except ValueError:
+        fds = {}
+    if list(fds) != ["listen"]:
         ap.error(f"--fds {text!r}: expected listen=FD")
     try:
-        sock = socket.socket(fileno=int(fd))
+        return adopt(fds["listen"], f"--fds {text!r}: descriptor {fds['listen']}")
     except OSError as exc:
-        ap.error(f"--fds {text!r}: descriptor {fd} is not a socket: {exc.strerror}")
-    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0:
-        ap.error(f"--fds {text!r}: descriptor {fd} is not a listening socket")
-    return sock
+        ap.error(str(exc))
+    raise AssertionError  # ap.error exits
 
 
 def bind(ap: argparse.ArgumentParser, where: tuple[str, int]) -> socket.socket:

@@ -5,8 +5,7 @@ import argparse
 
 import pytest
 
-from sidecar.args import address
-from sidecar.data.__main__ import inherited
+from sidecar.args import address, inherited
 
 
 @pytest.mark.parametrize("text, expected", [
