@@ -13,11 +13,12 @@ Not on the hot path (not compiled): a scrape every few seconds, a push every 5 s
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any, Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from sidecar import samples
 
 # The states an agent can be in (supervisor/policy/lifecycle.py): one series per state,
 # 1 for the current one, so `agentvisor_agent_state{state="FATAL"} == 1` finds them.
@@ -65,32 +66,19 @@ class AgentsCollector:
             current = row.get("state")
             for s in STATES:
                 state.add_metric([*labels, s], 1.0 if current == s else 0.0)
-            up.add_metric(labels, 1.0 if current == "RUNNING" else 0.0)
-            _number(restarts, labels, row.get("restarts"))
-            if isinstance(row.get("healthy"), bool):
-                healthy.add_metric(labels, 1.0 if row["healthy"] else 0.0)
-            _number(cpu, labels, row.get("cpu_percent"))
-            rss_mb = row.get("rss_mb")
-            _number(rss, labels, rss_mb * 1024 * 1024 if _finite(rss_mb) else None)
-            _number(threads, labels, row.get("threads"))
-            _number(fds, labels, row.get("fds"))
-            _number(uptime, labels, row.get("uptime_s"))
+            # The numbers as the hubs get them too (sidecar.samples): one mapping.
+            values = samples.from_row(row)
+            for key, family in (("up", up), ("restarts_total", restarts),
+                                ("healthy", healthy), ("cpu_percent", cpu),
+                                ("resident_memory_bytes", rss), ("threads", threads),
+                                ("open_fds", fds), ("uptime_seconds", uptime)):
+                if key in values:
+                    family.add_metric(labels, values[key])
             if isinstance(row.get("last_exit"), str):
                 last_exit.add_metric([*labels, row["last_exit"][:200]], 1.0)
         if self._received_at is not None:
             sampled.add_metric([], self._received_at)
         return iter(fams)
-
-
-def _finite(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _number(family: GaugeMetricFamily | CounterMetricFamily, labels: list[str],
-            value: Any) -> None:
-    if _finite(value):
-        family.add_metric(labels, float(value))
 
 
 def _families() -> tuple[Any, ...]:

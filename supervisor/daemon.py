@@ -17,6 +17,7 @@ import signal
 import time
 from pathlib import Path
 
+from sidecar import samples
 from sidecar.control import bounded
 from sidecar.exporter import MAX_ROWS_BYTES as EXPORT_ROWS_BYTES
 from sidecar.proxy import nftables
@@ -32,7 +33,7 @@ from supervisor import resources
 from supervisor.resources import ResourceSampler, check_limits
 from supervisor.runtime_lock import RuntimeLock
 from supervisor.systemd import Notifier
-from supervisor.traffic import SIDECAR, ListenerError, Traffic, remove_stale_redirects
+from supervisor.traffic import DATA, SIDECAR, ListenerError, Traffic, remove_stale_redirects
 
 # `agentvisor run`'s exit status when a listener cannot be bound: the same as for a bad
 # config, a failure systemd's Restart=on-failure retries.
@@ -97,6 +98,7 @@ class Supervisor:
         self._cgroup_root = resources.cgroup_v2_dir()
         self._warned: set[tuple[str, str]] = set()
         self._export_cut_said = False
+        self._samples_refused_said = False
         self._lock = asyncio.Lock()  # one reload/rollback/shutdown at a time
         self._control = ControlServer(self.socket_path, self,
                                       allowed_gid=_group_id(config.control_group))
@@ -521,21 +523,38 @@ class Supervisor:
 
     async def _export_agents(self) -> None:
         """Hand this round's rows to the sidecar, which serves them as agentvisor_agent_*
-        on the host's /metrics: every agent an exporter, without code. Best effort: a
-        sidecar that is restarting gets the next round's."""
+        on the host's /metrics (every agent an exporter, without code), and to the data
+        process, which spools them for the hubs (`sidecar.samples`). Best effort: a
+        process that is restarting gets the next round's."""
+        agents = self.status()["agents"]
         sidecar = self.agents.get(SIDECAR)
-        if sidecar is None or sidecar.state is not State.RUNNING:
-            return
-        rows, left_out = bounded(self.status()["agents"], EXPORT_ROWS_BYTES)
-        if left_out and not self._export_cut_said:
-            log.warning("exporter: %d agents' rows left out (more than one control request "
-                        "holds)", left_out)
-            self._export_cut_said = True
-        try:
-            await self.traffic.ask_sidecar({"cmd": "agents", "rows": json.dumps(rows)},
-                                           timeout_s=2.0)
-        except (LookupError, OSError, ValueError, asyncio.TimeoutError) as exc:
-            log.debug("exporter: rows not handed to the sidecar: %s", exc)
+        if sidecar is not None and sidecar.state is State.RUNNING:
+            rows, left_out = bounded(agents, EXPORT_ROWS_BYTES)
+            if left_out and not self._export_cut_said:
+                log.warning("exporter: %d agents' rows left out (more than one control "
+                            "request holds)", left_out)
+                self._export_cut_said = True
+            try:
+                await self.traffic.ask_sidecar({"cmd": "agents", "rows": json.dumps(rows)},
+                                               timeout_s=2.0)
+            except (LookupError, OSError, ValueError, asyncio.TimeoutError) as exc:
+                log.debug("exporter: rows not handed to the sidecar: %s", exc)
+        data = self.agents.get(DATA)
+        if data is not None and data.state is State.RUNNING:
+            body = samples.round_body(time.time(), {
+                row["name"]: samples.from_row(row) for row in agents})
+            try:
+                status = await self.traffic.push_samples(body)
+            except (LookupError, OSError, ValueError, asyncio.TimeoutError) as exc:
+                status, reason = 0, str(exc) or type(exc).__name__
+            else:
+                reason = f"HTTP {status}"
+            if status != 200 and not self._samples_refused_said:
+                # Once until it works again: a full spool refuses every round.
+                log.warning("samples: this round was not spooled for the hubs (%s); "
+                            "rounds are tried every %g s", reason,
+                            self.config.resource_interval_s)
+            self._samples_refused_said = status != 200
 
     async def _groups_loop(self) -> None:
         # Written at most once a second, off the restart path.

@@ -241,6 +241,26 @@ class Traffic:
         finally:
             writer.close()
 
+    async def push_samples(self, body: bytes, timeout_s: float = 2.0) -> int:
+        """One sampling round (`sidecar.samples.round_body`) to the data process, which
+        spools it for the hubs; the HTTP status it answered. LookupError without one."""
+        if "data-status" not in self.sockets:
+            raise LookupError("no data process (no store_forward upstream)")
+        host, port = self.address("data-status")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                timeout_s)
+        try:
+            writer.write(b"POST /samples HTTP/1.1\r\nHost: agentvisor\r\n"
+                         b"Content-Type: application/json\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            status_line = await asyncio.wait_for(reader.readline(), timeout_s)
+            try:
+                return int(status_line.split()[1])
+            except (IndexError, ValueError):
+                raise ValueError(f"not an HTTP answer: {status_line[:80]!r}") from None
+        finally:
+            writer.close()
+
     # --- transparent redirects ----------------------------------------------------------
 
     def _install_redirects(self, config: HostConfig) -> None:

@@ -6,7 +6,8 @@ reboot, so never the runtime directory), serves one ingest listener per agent (a
 is known by the listener it reached), forwards the spool to the hubs, nearest first, when
 `--hub` names any, makes the spool durable against power loss every `--sync-interval`
 seconds, and answers `GET /ready` and `GET /status` (JSON: spool, forwarder, ingest) on
-`--status`. Reads that reach an ingest listener (GET, HEAD, ...: the hub's dashboard or
+`--status`, where the supervisor also hands it each round of its agents' process samples
+(`POST /samples`, see `sidecar.samples`) to spool and forward like pushes. Reads that reach an ingest listener (GET, HEAD, ...: the hub's dashboard or
 health) are relayed to the proxy's listener for the upstream, `--reads-to`, so they meet
 its timeouts, breaker and fallback.
 
@@ -25,6 +26,7 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import math
 import signal
 import socket
 import sqlite3
@@ -69,6 +71,7 @@ class DataProcess:
         self._tasks: list[asyncio.Task] = []
         self._sync_timer: asyncio.TimerHandle | None = None
         self._status_runner = None
+        self.samples = {"stored": 0, "refused": 0, "malformed": 0}  # POST /samples rounds
 
     def open_spool(self) -> None:
         from sidecar.spool import Spool, SpoolError
@@ -162,11 +165,13 @@ class DataProcess:
         spool["recovered"] = self.recovered
         forwarder = self.forwarder.status() if self.forwarder is not None else None
         return {"host": self.args.host, "ready": self.ready, "spool": spool,
-                "forwarder": forwarder,
+                "forwarder": forwarder, "samples": dict(self.samples),
                 "ingest": self.ingest.status() if self.ingest else None}
 
     async def _serve_status(self, sock: socket.socket) -> None:
         from aiohttp import web
+
+        from sidecar import samples
 
         async def ready(_request):
             if not self.ready:
@@ -176,12 +181,47 @@ class DataProcess:
         async def status(_request):
             return web.json_response(self.status())
 
-        app = web.Application()
-        app.add_routes([web.get("/ready", ready), web.get("/status", status)])
+        async def take_samples(request):
+            status, answer = self.take_samples(await request.read())
+            headers = {"Retry-After": str(answer.pop("retry_after"))} \
+                if "retry_after" in answer else None
+            return web.json_response(answer, status=status, headers=headers)
+
+        app = web.Application(client_max_size=samples.MAX_ROUND_BYTES)
+        app.add_routes([web.get("/ready", ready), web.get("/status", status),
+                        web.post("/samples", take_samples)])
         self._status_runner = web.AppRunner(app, access_log=None)
         await self._status_runner.setup()
         sock.setblocking(False)
         await web.SockSite(self._status_runner, sock).start()
+
+    def take_samples(self, body: bytes) -> tuple[int, dict]:
+        """A sampling round from the supervisor (`sidecar.samples`): checked, and spooled
+        as one record of the supervisor's own, timed when it was sampled. (status,
+        answer)."""
+        from sidecar import samples
+        from sidecar.spool import Push, SpoolError, SpoolFull
+
+        parsed = samples.parse_round(body)
+        if isinstance(parsed, str):
+            self.samples["malformed"] += 1
+            return 400, {"error": parsed}
+        when, agents = parsed
+        push = Push(samples.SENDER, "POST", samples.PATH, samples.CONTENT_TYPE,
+                    samples.round_body(when, agents), when)
+        try:
+            self.spool.append([push])
+        except SpoolFull as exc:  # agents' pushes first; samples wait for a later round
+            self.samples["refused"] += 1
+            return 503, {"error": exc.reason,
+                         "retry_after": max(1, math.ceil(exc.retry_after_s))}
+        except (SpoolError, sqlite3.Error, OSError) as exc:
+            self.samples["refused"] += 1
+            return 503, {"error": f"spool: {exc}", "retry_after": 1}
+        self.samples["stored"] += 1
+        if self.forwarder is not None:
+            self.forwarder.wake()
+        return 200, {"stored": len(agents)}
 
     async def stop(self) -> None:
         """SIGTERM: stop accepting, answer what is in flight, sync, close."""

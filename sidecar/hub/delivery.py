@@ -22,6 +22,10 @@ A record is acked right after its answer, in its own small transaction: a crash 
 the answer and the ack redelivers that one record (at least once to the legacy hub; the
 X-Agentvisor-Seq header lets a hub that cares drop it), never loses it.
 
+Sample records (`sidecar.samples`: a host's supervisor's process samples of an agent)
+are not the legacy hub's: the receiver exports them itself. They pass through the queue
+like any record, in order, and are acked without being sent.
+
 While there is nothing to deliver, the hub is probed with a TCP connect every
 `probe_interval_s`, so `/health` says whether it is up before the next push needs it.
 """
@@ -37,6 +41,7 @@ from typing import Callable, Final
 import aiohttp
 from yarl import URL
 
+from sidecar import samples
 from sidecar.spool import Record, Spool
 
 log = logging.getLogger("agentvisor.hub.delivery")
@@ -103,6 +108,7 @@ class Delivery:
         self.delivered_total = 0
         self.refused_total = 0
         self.retries_total = 0
+        self.samples_total = 0  # sample records passed over (exported, not delivered)
         self.agents: dict[tuple[str, str], AgentDelivery] = {}
 
     def wake(self) -> None:
@@ -159,6 +165,10 @@ class Delivery:
 
     async def _deliver(self, session: aiohttp.ClientSession, record: Record) -> None:
         """Send one record until the hub answers it; then ack it."""
+        if record.content_type == samples.CONTENT_TYPE:
+            self.samples_total += 1
+            self.spool.ack(record.id)
+            return
         url = URL(self._base + record.path, encoded=True)
         headers = {"X-Agentvisor-Host": record.host, "X-Agentvisor-Agent": record.agent,
                    "X-Agentvisor-Seq": str(record.seq),
@@ -221,7 +231,8 @@ class Delivery:
                 "state": {None: "unknown", True: "up", False: "down"}[self.up],
                 "since": self.since, "last_error": self.last_error,
                 "delivered_total": self.delivered_total,
-                "refused_total": self.refused_total, "retries_total": self.retries_total}
+                "refused_total": self.refused_total, "retries_total": self.retries_total,
+                "samples_total": self.samples_total}
 
 
 def _describe(exc: BaseException) -> str:

@@ -24,19 +24,18 @@ stored); 413 over `wire.MAX_BATCH_BYTES`; 503 with Retry-After when the delivery
 full. `GET /health` is JSON (hosts, agents, counts, last heard, the delivery backlog and
 the legacy hub's state); `GET /metrics` is Prometheus text from a registry of its own.
 
-Records whose content type is `application/x-agentvisor-samples` carry an agent's process
-samples (`{"metrics": {name: number}}`) from its host's supervisor: their latest values
-are exported as `agentvisor_agent_<name>{host, agent}`, so every agent of every host has
-an exporter here, and keeps one through a partition (the values arrive late, in order).
+Records whose content type is `sidecar.samples.CONTENT_TYPE` are a host supervisor's
+rounds of its agents' process samples: their latest values are exported as
+`agentvisor_agent_<name>{host, agent}`, with `agentvisor_agent_sampled_timestamp_seconds`
+saying when they were taken, so every agent of every host has an exporter here, and keeps
+one through a partition (the values arrive late, in order).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import re
 import socket
 import time
 from collections import Counter
@@ -49,18 +48,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar import samples
 from sidecar.hub import wire
 from sidecar.hub.delivery import DEFAULT_TIMEOUT_S, Delivery
 from sidecar.spool import Record, Spool, SpoolError, SpoolFull
 
 log = logging.getLogger("agentvisor.hub")
 
-SAMPLES_CONTENT_TYPE: Final = "application/x-agentvisor-samples"
-SAMPLE_PREFIX: Final = "agentvisor_agent_"
-_SAMPLE_NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,99}\Z")
 # Sample series (host, agent, name) kept at most: the fleet needs ~77 agents x 2 hosts x
 # a dozen samples; this bound only stops a misbehaving sender from filling memory.
 MAX_SAMPLE_SERIES: Final = 50_000
+MAX_SAMPLED_AGENTS: Final = 10_000
 # A host not heard from for this long is shown as silent (partitioned from this hub, or
 # sending to the other one, or down). Hosts send their agents' samples every few seconds.
 SILENT_AFTER_S: Final = 10.0
@@ -117,25 +115,6 @@ def admit(records: Sequence[Record], mark: Callable[[str, str], int]) -> Admissi
     return Admission(new, duplicates, gaps, raised)
 
 
-def parse_samples(body: bytes) -> dict[str, float] | str:
-    """An agent's process samples, or why the body is not `{"metrics": {name: number}}`."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        return f"not JSON ({exc})"
-    metrics = data.get("metrics") if isinstance(data, dict) else None
-    if not isinstance(metrics, dict):
-        return 'not an object with a "metrics" object'
-    out: dict[str, float] = {}
-    for name, value in metrics.items():
-        if not _SAMPLE_NAME.match(name):
-            return f"sample name {name[:60]!r} is not a metric name ([a-zA-Z_][a-zA-Z0-9_]*)"
-        if type(value) not in (int, float, bool) or not math.isfinite(value):
-            return f"sample {name}: {value!r} is not a finite number"
-        out[name] = float(value)
-    return out
-
-
 # --- what the receiver knows of the hosts it hears from ----------------------------------
 
 @dataclass(slots=True)
@@ -175,7 +154,8 @@ class Receiver:
         self.samples: dict[str, dict[Key, float]] = {}
         self.sample_series = 0
         self.samples_rejected = 0
-        self._sample_complaints: set[Key] = set()
+        self.sampled_at: dict[Key, float] = {}  # when its latest samples were taken
+        self._sample_complaints: set[str] = set()  # hosts whose bad samples were logged
 
     def _agent(self, host: str, agent: str) -> AgentView:
         view = self.hosts.get(host)
@@ -211,7 +191,7 @@ class Receiver:
         newest: dict[Key, Record] = {}
         for record in admission.new:
             newest[(record.host, record.agent)] = record
-            if record.content_type == SAMPLES_CONTENT_TYPE:
+            if record.content_type == samples.CONTENT_TYPE:
                 self._sample(record)
         for (host, agent), count in Counter(
                 [(r.host, r.agent) for r in admission.new]).items():
@@ -236,25 +216,34 @@ class Receiver:
         return admission
 
     def _sample(self, record: Record) -> None:
-        key = (record.host, record.agent)
-        parsed = parse_samples(record.body)
+        """A host's round of agent samples (`sidecar.samples`): the latest values, and the
+        time they were sampled, per (host, agent)."""
+        parsed = samples.parse_round(record.body)
         if isinstance(parsed, str):
             self.samples_rejected += 1
-            if key not in self._sample_complaints:
-                self._sample_complaints.add(key)
-                log.warning("%s/%s: samples seq %d ignored: %s (later ones are only "
-                            "counted)", record.host, record.agent, record.seq, parsed)
+            if record.host not in self._sample_complaints:
+                self._sample_complaints.add(record.host)
+                log.warning("%s: samples seq %d ignored: %s (later ones are only counted)",
+                            record.host, record.seq, parsed)
             return
-        for name, value in parsed.items():
-            series = self.samples.get(name)
-            if series is None:
-                series = self.samples[name] = {}
-            if key not in series:
-                if self.sample_series >= MAX_SAMPLE_SERIES:
+        when, agents = parsed
+        for agent, metrics in agents.items():
+            key = (record.host, agent)
+            if key not in self.sampled_at:
+                if len(self.sampled_at) >= MAX_SAMPLED_AGENTS:
                     self.samples_rejected += 1
                     continue
-                self.sample_series += 1
-            series[key] = value
+            self.sampled_at[key] = when
+            for name, value in metrics.items():
+                series = self.samples.get(name)
+                if series is None:
+                    series = self.samples[name] = {}
+                if key not in series:
+                    if self.sample_series >= MAX_SAMPLE_SERIES:
+                        self.samples_rejected += 1
+                        continue
+                    self.sample_series += 1
+                series[key] = value
 
     def health(self) -> dict:
         now = self.clock()
@@ -380,8 +369,15 @@ class HubCollector:
         yield CounterMetricFamily("agentvisor_hub_samples_rejected",
                                   "Sample records or series that could not be exported",
                                   value=r.samples_rejected)
+        sampled = GaugeMetricFamily(samples.PREFIX + "sampled_timestamp_seconds",
+                                    "When the agent's latest samples were taken on its host "
+                                    "(late after a partition: they travel in order)",
+                                    labels=["agent", "host"])
+        for (host, agent), when in r.sampled_at.items():
+            sampled.add_metric([agent, host], when)
+        yield sampled
         for name, series in sorted(r.samples.items()):
-            gauge = GaugeMetricFamily(SAMPLE_PREFIX + name,
+            gauge = GaugeMetricFamily(samples.PREFIX + name,
                                       f"The latest {name} sample of each agent",
                                       labels=["agent", "host"])
             for (host, agent), value in series.items():

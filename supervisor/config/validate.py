@@ -536,8 +536,9 @@ def probes_without_port(source: Source, entries: list[Entry],
     return problems
 
 
-# The supervisor's own child in status and in every agent's dependencies.
-RESERVED_NAMES = {"sidecar", "sidecar-data", "sidecar-hub"}
+# The supervisor's own children in status and in every agent's dependencies, and the name
+# its agents' samples are spooled under (sidecar.samples.SENDER).
+RESERVED_NAMES = {"sidecar", "sidecar-data", "sidecar-hub", "agentvisor"}
 
 
 def intercept_problems(source: Source, entries: list[Entry]) -> list[Problem]:
@@ -548,7 +549,7 @@ def intercept_problems(source: Source, entries: list[Entry]) -> list[Problem]:
         if entry.name in RESERVED_NAMES:
             problems.append(source.problem(entry.path, entry.name,
                                            f"{entry.name!r} is reserved for agentvisor's own "
-                                           "process; rename the agent"))
+                                           "use; rename the agent"))
         intercept = entry.fields.get("intercept")
         mode = intercept.get("mode") if isinstance(intercept, dict) else intercept
         if mode == "transparent" and "user" not in entry.fields:

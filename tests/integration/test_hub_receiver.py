@@ -16,7 +16,9 @@ import subprocess
 import sys
 
 import pytest
+from prometheus_client.utils import floatToGoString
 
+from sidecar import samples
 from sidecar.hub import wire
 from sidecar.spool import Record
 from tests.integration.harness import ROOT, free_port, wait_until
@@ -203,14 +205,21 @@ def test_malformed_batches_are_refused_and_change_nothing(legacy, receiver):
 def test_health_and_metrics_show_hosts_agents_counts_gaps_and_samples(legacy, receiver):
     legacy.start()
     receiver.start()
-    samples = json.dumps({"metrics": {"cpu_percent": 12.5, "rss_bytes": 52_428_800}})
+    # PC2's supervisor's round of samples, taken at T0 + 5 (sidecar.samples).
+    round_ = samples.round_body(T0 + 5, {"EdgeAgent": {"cpu_percent": 12.5,
+                                                       "rss_bytes": 52_428_800}})
     batch = [rec("EdgeAgent", 1), rec("EdgeAgent", 2), rec("EdgeAgent", 7),
              rec("Model", 1, host="MainPC"),
-             rec("EdgeAgent", 8, body=samples.encode(),
-                 content_type="application/x-agentvisor-samples", path="/agentvisor/samples")]
+             rec(samples.SENDER, 1, body=round_, content_type=samples.CONTENT_TYPE,
+                 path=samples.PATH)]
     assert receiver.send(batch)[0] == 200
     assert receiver.send(batch[:2])[0] == 200  # two duplicates
-    delivered(legacy, 5)
+    # The samples are exported here and passed over in delivery: the legacy hub gets
+    # the agents' own pushes only.
+    wait_until(lambda: receiver.health()["legacy_hub"]["samples_total"] == 1, 15,
+               "the sample record to be passed over")
+    assert legacy.pushes() == [("PC2", "EdgeAgent", 1), ("PC2", "EdgeAgent", 2),
+                               ("PC2", "EdgeAgent", 7), ("MainPC", "Model", 1)]
     health = receiver.health()
     assert health["name"] == "central"
     assert set(health["hosts"]) == {"PC2", "MainPC"}
@@ -218,16 +227,18 @@ def test_health_and_metrics_show_hosts_agents_counts_gaps_and_samples(legacy, re
     assert pc2["state"] == "live" and pc2["partitioned"] is False and pc2["last_heard"]
     edge = pc2["agents"]["EdgeAgent"]
     assert (edge["last_seq"], edge["stored"], edge["duplicates"], edge["gaps"],
-            edge["missing"]) == (8, 4, 2, 1, 4)
-    assert edge["last_record_time"] == T0 + 8
+            edge["missing"]) == (7, 3, 2, 1, 4)
+    assert edge["last_record_time"] == T0 + 7
     text = receiver.metrics()
-    for line in ('agentvisor_hub_records_stored_total{agent="EdgeAgent",host="PC2"} 4.0',
+    for line in ('agentvisor_hub_records_stored_total{agent="EdgeAgent",host="PC2"} 3.0',
                  'agentvisor_hub_records_duplicate_total{agent="EdgeAgent",host="PC2"} 2.0',
                  'agentvisor_hub_gaps_total{agent="EdgeAgent",host="PC2"} 1.0',
                  'agentvisor_hub_records_missing_total{agent="EdgeAgent",host="PC2"} 4.0',
                  'agentvisor_hub_last_seq{agent="Model",host="MainPC"} 1.0',
                  'agentvisor_agent_cpu_percent{agent="EdgeAgent",host="PC2"} 12.5',
                  'agentvisor_agent_rss_bytes{agent="EdgeAgent",host="PC2"} 5.24288e+07',
+                 'agentvisor_agent_sampled_timestamp_seconds{agent="EdgeAgent",host="PC2"} '
+                 + floatToGoString(T0 + 5),
                  'agentvisor_hub_host_partitioned{host="PC2"} 0.0'):
         assert line in text, line
     assert "PC2/EdgeAgent: seq 7 came after 2: 4 records missing" in receiver.log()

@@ -7,7 +7,10 @@ GET still goes through the proxy to the hub."""
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 
+from sidecar import samples
 from tests.integration.harness import free_port, wait_until
 from tests.integration.hubside import LegacyHub, Receiver
 
@@ -44,6 +47,8 @@ def _config(fleet, tmp_path, legacy: LegacyHub, hub_port: int, agents: dict) -> 
                                            "protocol": "http", "deliver": "store_forward"}},
         "hubs": [f"127.0.0.1:{hub_port}"],
         "sidecar": {"metrics_listen": f"127.0.0.1:{free_port()}"},
+        # Sampling rounds (and with them the samples spooled for the hubs) twice a second.
+        "resource_interval_s": 0.5,
         "agent_groups": {"reporters": agents},
     }
 
@@ -58,6 +63,11 @@ def _answered(tmp_path, name: str) -> list[tuple[int, ...]]:
     path = tmp_path / f"{name}.pushes"
     lines = path.read_text().split() if path.exists() else []
     return [tuple(map(int, lines[i:i + 3])) for i in range(0, len(lines) - 2, 3)]
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
 
 
 def _at_hub(legacy: LegacyHub, name: str) -> list[int]:
@@ -123,6 +133,14 @@ def test_a_partition_loses_nothing_and_the_backlog_drains_when_the_hub_returns(
         wait_until(lambda: len(_answered(tmp_path, "Gamma")) == pushes, 60, "every push answered")
         wait_until(lambda: len(_at_hub(legacy, "Gamma")) == pushes, 60, "the backlog drained")
         assert _at_hub(legacy, "Gamma") == list(range(1, pushes + 1))
+        # The supervisor's rounds of samples taken during the partition were spooled like
+        # pushes and arrived too, every one, in order (no gap in its sequence), and never
+        # reached the legacy hub (its samples are the receiver's to export).
+        sender = wait_until(lambda: receiver.health()["hosts"]["TestHost"]["agents"].get(
+            samples.SENDER), 30, "the supervisor's samples at the receiver")
+        assert sender["gaps"] == 0 and sender["last_seq"] == sender["stored"] >= 2, sender
+        assert all(r["path"] != samples.PATH for r in legacy.received())
+        assert 'agentvisor_agent_up{agent="Gamma",host="TestHost"} 1.0' in receiver.metrics()
     finally:
         if receiver is not None:
             receiver.kill()
@@ -149,5 +167,18 @@ def test_a_hub_host_runs_its_receiver_and_forwards_to_it(fleet, tmp_path):
                    "Delta's pushes at the legacy hub through this host's own receiver")
         assert _at_hub(legacy, "Delta") == list(range(1, pushes + 1))
         assert (tmp_path / "state" / "hub-delivery.db").exists()
+        # Every agent of the host has an exporter at the hub: the supervisor's samples,
+        # with the time each round was taken.
+        metrics = f"http://127.0.0.1:{hub_port}/metrics"
+        text = wait_until(lambda: (lambda t: t if 'agent="Delta"' in t else None)(
+            _get(metrics)), 30, "Delta's samples on the hub's /metrics")
+        for family in ("up", "restarts_total", "cpu_percent", "resident_memory_bytes",
+                       "threads", "open_fds", "uptime_seconds", "sampled_timestamp_seconds"):
+            assert f'agentvisor_agent_{family}{{agent="Delta",host="TestHost"}}' in text, \
+                family
+        sampled = float(text.split(
+            'agentvisor_agent_sampled_timestamp_seconds{agent="Delta",host="TestHost"} ')[1]
+            .split()[0])
+        assert abs(sampled - time.time()) < 30
     finally:
         legacy.stop()

@@ -625,13 +625,17 @@ def test_transparent_needs_a_user_and_sidecar_is_a_reserved_name(tmp_path):
           - {name: sidecar, script_path: a.py}
           - {name: Scanner, script_path: a.py, intercept: transparent}
           - {name: Fine, script_path: a.py, intercept: {mode: transparent}, user: nobody}
+          - {name: agentvisor, script_path: a.py}
         """)
     problems = [str(p) for p in validate_file(path, check_machine=False)[1]]
     assert problems == [
         f"{path}:2: pc2_services[0] (sidecar): 'sidecar' is reserved for agentvisor's own "
-        "process; rename the agent",
+        "use; rename the agent",
         f"{path}:3: pc2_services[1].intercept (Scanner): intercept: transparent needs `user:` "
         "(the agent's own uid is how its traffic is redirected)",
+        # the name a host's agent samples are spooled under (sidecar.samples.SENDER)
+        f"{path}:5: pc2_services[3] (agentvisor): 'agentvisor' is reserved for agentvisor's "
+        "own use; rename the agent",
     ]
 
 

@@ -2,7 +2,7 @@
 what a sample record exports; how delivery reads the legacy hub's answers and backs off."""
 
 from sidecar.hub.delivery import BACKOFF_MAX_S, backoff_s, classify
-from sidecar.hub.receiver import Gap, admit, parse_samples
+from sidecar.hub.receiver import Gap, admit
 from sidecar.spool import Record
 
 
@@ -57,17 +57,6 @@ def test_the_first_record_heard_from_an_agent_is_no_gap():
 def test_hosts_are_apart():
     a = admit([rec("A", 1, host="MainPC")], marks(A=10))
     assert seqs(a.new) == [("A", 1)] and a.marks == {("MainPC", "A"): 1}
-
-
-def test_samples():
-    assert parse_samples(b'{"metrics": {"cpu_percent": 12.5, "rss_bytes": 1024, '
-                         b'"up": true}}') == {"cpu_percent": 12.5, "rss_bytes": 1024.0,
-                                              "up": 1.0}
-    assert "not JSON" in parse_samples(b"{")
-    assert "metrics" in parse_samples(b'{"cpu": 1}')
-    assert "not a metric name" in parse_samples(b'{"metrics": {"cpu-percent": 1}}')
-    assert "finite number" in parse_samples(b'{"metrics": {"cpu": "high"}}')
-    assert "finite number" in parse_samples(b'{"metrics": {"cpu": NaN}}')
 
 
 def test_what_a_legacy_hub_answer_means():
