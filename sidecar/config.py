@@ -16,7 +16,7 @@ import ipaddress
 import math
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Any, Mapping
 
 # --- defaults, each with why -------------------------------------------------------
@@ -517,6 +517,9 @@ class HubSettings:
 
     listen: tuple[str, int]  # where forwarders (this host's and the others') send batches
     deliver_to: tuple[str, int]  # the legacy hub agent, e.g. 127.0.0.1:9000
+    # The other hubs' receivers, which this one shares hosts, marks and samples with.
+    # Default: the entries of `hubs:` that are not on this host (not loopback).
+    peers: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -551,6 +554,8 @@ def parse_data(hubs: Any, spool: Any, hub: Any = None) -> tuple[DataSettings,
         problems.append(UpstreamProblem(("spool",), "must be a mapping"))
     p = _Parser(("spool",), problems)
     p.check_keys(block, {"max_mb", "sync_interval_s"})
+    if receiver is not None and receiver.peers is None:
+        receiver = replace(receiver, peers=tuple(h for h in found if not _loopback(h[0])))
     return DataSettings(
         hubs=tuple(found),
         spool_max_mb=p.count(block, "max_mb", DEFAULT_SPOOL_MAX_MB, (), 1),
@@ -568,7 +573,7 @@ def _hub(block: Any, problems: list[UpstreamProblem]) -> HubSettings | None:
         return None
     before = len(problems)
     p = _Parser(("hub",), problems)
-    p.check_keys(block, {"listen", "deliver_to"})
+    p.check_keys(block, {"listen", "deliver_to", "peers"})
     for key in ("listen", "deliver_to"):
         if key not in block:
             p.bad((key,), "is required")
@@ -578,9 +583,26 @@ def _hub(block: Any, problems: list[UpstreamProblem]) -> HubSettings | None:
     problem = address_problem(deliver) if "deliver_to" in block else None
     if problem:
         p.bad(("deliver_to",), problem)
+    peers: list[tuple[str, int]] | None = None
+    if "peers" in block:
+        peers = []
+        if not isinstance(block["peers"], list):
+            p.bad(("peers",), "must be a list of host:port (the other hubs' receivers)")
+        else:
+            for i, text in enumerate(block["peers"]):
+                problem = address_problem(text)
+                if problem:
+                    p.bad(("peers", i), problem)
+                else:
+                    peers.append(parse_address(text) or ("", 0))
     if len(problems) > before:
         return None
-    return HubSettings(listen=listen, deliver_to=parse_address(deliver) or ("", 0))
+    return HubSettings(listen=listen, deliver_to=parse_address(deliver) or ("", 0),
+                       peers=None if peers is None else tuple(peers))
+
+
+def _loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("::1", "localhost")
 
 
 def parse_sidecar(data: Any, where: Path = ("sidecar",)) -> tuple[SidecarSettings,

@@ -955,6 +955,10 @@ class Spool:
         """The highest seq ever stored for (host, agent), acked or not; 0: none yet."""
         return self._next_seq.get((host, agent), 1) - 1
 
+    def high_waters(self) -> dict[tuple[str, str], int]:
+        """Every (host, agent)'s high-water mark (the hub shares them with its peers)."""
+        return {key: n - 1 for key, n in self._next_seq.items() if n > 1}
+
     def stats(self) -> SpoolStats:
         row = self._db().execute("SELECT time FROM records ORDER BY id LIMIT 1").fetchone()
         return SpoolStats(records=self._records, bytes=self._bytes,

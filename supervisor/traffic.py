@@ -367,7 +367,9 @@ class Traffic:
                 "--deliver-to", f"[{deliver_host}]:{deliver_port}" if ":" in deliver_host
                 else f"{deliver_host}:{deliver_port}",
                 "--name", config.host,
-                "--sync-interval", f"{config.data.sync_interval_s:g}")
+                "--sync-interval", f"{config.data.sync_interval_s:g}",
+                *(arg for h, p in hub.peers or () for arg in
+                  ("--peer", f"[{h}]:{p}" if ":" in h else f"{h}:{p}")))
         return AgentSpec(
             name=HUB, group="agentvisor", location="hub", argv=argv, cwd=self.runtime_dir,
             script_path=None, required=True,

@@ -1,11 +1,13 @@
 """`python -m sidecar.hub`: the hub receiver on its own, until SIGTERM.
 
     python -m sidecar.hub --listen 0.0.0.0:9010 --state-dir /var/lib/agentvisor \
-        --deliver-to 127.0.0.1:9000 --name central
+        --deliver-to 127.0.0.1:9000 --name central --peer pc2:9010
 
 Receives forwarded batches on --listen (or on a listening socket inherited from the
 supervisor: `--fds listen=FD`), keeps them in `STATE_DIR/hub-delivery.db` with the
-high-water marks, and delivers each push to the legacy hub at --deliver-to. Exit 0 after
+high-water marks, and delivers each push to the legacy hub at --deliver-to. With --peer,
+it reports what it knows to the other hub every second and shows what that hub reports
+(sidecar/hub/peers.py). Exit 0 after
 SIGTERM/SIGINT, 2 for bad arguments, 1 when the delivery spool cannot be opened or
 delivery fails on it (a restart reopens it, and recovers it if it was damaged).
 """
@@ -29,6 +31,7 @@ log = logging.getLogger("agentvisor.hub")
 
 def parser() -> argparse.ArgumentParser:
     from sidecar.hub.delivery import DEFAULT_TIMEOUT_S
+    from sidecar.hub.peers import SHARE_INTERVAL_S
     from sidecar.hub.receiver import DEFAULT_MAX_BYTES, SILENT_AFTER_S
 
     ap = argparse.ArgumentParser(prog="python -m sidecar.hub",
@@ -51,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
                     metavar="S", help="per push to the legacy hub (default %(default)s)")
     ap.add_argument("--silent-after", type=number(float, zero_ok=False), default=SILENT_AFTER_S,
                     metavar="S", help="a host not heard from this long is partitioned")
+    ap.add_argument("--peer", type=address, action="append", default=[], metavar="HOST:PORT",
+                    help="another hub's receiver to share hosts, marks and samples with "
+                         "(repeat for each); either hub then answers for the fleet")
+    ap.add_argument("--share-interval", type=number(float, zero_ok=False),
+                    default=SHARE_INTERVAL_S, metavar="S",
+                    help="how often this hub reports to its peers (default %(default)s)")
     ap.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
     return ap
@@ -87,7 +96,8 @@ async def run(args, sock: socket.socket) -> int:
     try:
         hub = Hub(args.state_dir, args.deliver_to, name=args.name, max_bytes=args.max_bytes,
                   sync_interval_s=args.sync_interval, deliver_timeout_s=args.deliver_timeout,
-                  silent_after_s=args.silent_after)
+                  silent_after_s=args.silent_after, peers=args.peer,
+                  share_interval_s=args.share_interval)
     except (SpoolError, OSError, ValueError) as exc:  # it says what and where; no traceback
         log.error("cannot open the delivery spool: %s", exc)
         return 1

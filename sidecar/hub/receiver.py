@@ -51,13 +51,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from sidecar import samples
 from sidecar.hub import wire
 from sidecar.hub.delivery import DEFAULT_TIMEOUT_S, Delivery
+from sidecar.hub.peers import PATH as peers_path
+from sidecar.hub.peers import SHARE_INTERVAL_S, Peers, report_body
 from sidecar.spool import Record, Spool, SpoolError, SpoolFull
 
 log = logging.getLogger("agentvisor.hub")
 
 # Sample series (host, agent, name) kept at most: the fleet needs ~77 agents x 2 hosts x
 # a dozen samples; this bound only stops a misbehaving sender from filling memory.
-MAX_SAMPLE_SERIES: Final = 50_000
 MAX_SAMPLED_AGENTS: Final = 10_000
 # A host not heard from for this long is shown as silent (partitioned from this hub, or
 # sending to the other one, or down). Hosts send their agents' samples every few seconds.
@@ -127,6 +128,7 @@ class AgentView:
     duplicates: int = 0
     gaps: int = 0
     missing: int = 0  # seqs skipped over by gaps
+    held_by_peer: int = 0  # duplicates the other hub had stored (resent after a failover)
 
 
 @dataclass(slots=True)
@@ -140,21 +142,20 @@ class Receiver:
     /metrics show. Synchronous and single-threaded, like the spool it writes."""
 
     def __init__(self, spool: Spool, *, delivery: Delivery | None = None,
-                 silent_after_s: float = SILENT_AFTER_S,
+                 peers: Peers | None = None, silent_after_s: float = SILENT_AFTER_S,
                  clock: Callable[[], float] = time.time):
         self.spool = spool
         self.delivery = delivery
+        self.peers = peers  # the other hubs: their marks, hosts and samples
         self.silent_after_s = silent_after_s
         self.clock = clock
         # Hosts and agents heard from since this process started (the marks of the
         # others are in the spool, and show here once they send again).
         self.hosts: dict[str, HostView] = {}
         self.batches = {"stored": 0, "malformed": 0, "too_large": 0, "full": 0}
-        # name -> (host, agent) -> latest value
-        self.samples: dict[str, dict[Key, float]] = {}
-        self.sample_series = 0
+        # (host, agent) -> (when sampled on its host, latest values by sample name)
+        self.sampled: dict[Key, tuple[float, dict[str, float]]] = {}
         self.samples_rejected = 0
-        self.sampled_at: dict[Key, float] = {}  # when its latest samples were taken
         self._sample_complaints: set[str] = set()  # hosts whose bad samples were logged
 
     def _agent(self, host: str, agent: str) -> AgentView:
@@ -169,7 +170,17 @@ class Receiver:
     def store(self, records: Sequence[Record]) -> Admission:
         """Store the batch's new records and raise their marks in one transaction.
         SpoolFull (nothing stored, no mark raised) when the delivery spool is full."""
-        admission = admit(records, self.spool.high_water)
+        own = self.spool.high_water
+        mark = own
+        if self.peers is not None:
+            # What another hub stored is not stored again here (sidecar.hub.peers).
+            peer = self.peers.mark
+            mark = lambda host, agent: max(own(host, agent), peer(host, agent))  # noqa: E731
+        admission = admit(records, mark)
+        # Before the append raises the marks: duplicates above our own mark are held by
+        # the other hub.
+        elsewhere = Counter([(r.host, r.agent) for r in admission.duplicates
+                             if r.seq > own(r.host, r.agent)]) if self.peers else Counter()
         if admission.new:
             try:
                 self.spool.append_records(admission.new)
@@ -188,6 +199,8 @@ class Receiver:
         for (host, agent), count in Counter(
                 [(r.host, r.agent) for r in admission.duplicates]).items():
             self._agent(host, agent).duplicates += count
+        for (host, agent), count in elsewhere.items():
+            self._agent(host, agent).held_by_peer += count
         newest: dict[Key, Record] = {}
         for record in admission.new:
             newest[(record.host, record.agent)] = record
@@ -229,23 +242,31 @@ class Receiver:
         when, agents = parsed
         for agent, metrics in agents.items():
             key = (record.host, agent)
-            if key not in self.sampled_at:
-                if len(self.sampled_at) >= MAX_SAMPLED_AGENTS:
-                    self.samples_rejected += 1
-                    continue
-            self.sampled_at[key] = when
-            for name, value in metrics.items():
-                series = self.samples.get(name)
-                if series is None:
-                    series = self.samples[name] = {}
-                if key not in series:
-                    if self.sample_series >= MAX_SAMPLE_SERIES:
-                        self.samples_rejected += 1
-                        continue
-                    self.sample_series += 1
-                series[key] = value
+            if key not in self.sampled and len(self.sampled) >= MAX_SAMPLED_AGENTS:
+                self.samples_rejected += 1
+                continue
+            self.sampled[key] = (when, metrics)  # bounded per agent by samples.MAX_SAMPLES
 
     def health(self) -> dict:
+        now = self.clock()
+        hosts = self.hosts_health()
+        stats = self.spool.stats()
+        oldest = stats.oldest_time
+        out = {"hosts": hosts, "batches": dict(self.batches),
+               "delivery": {"backlog_records": stats.records, "backlog_bytes": stats.bytes,
+                            "oldest_s": None if oldest is None else max(0.0, now - oldest),
+                            "max_bytes": stats.max_bytes},
+               "samples": {"agents": len(self.sampled), "rejected": self.samples_rejected}}
+        if self.delivery is not None:
+            out["legacy_hub"] = self.delivery.status()
+        if self.peers is not None:
+            out["peers"] = self.peers.status()
+        if self.spool.recovered:
+            out["spool_recovered"] = self.spool.recovered
+        return out
+
+    def hosts_health(self) -> dict[str, dict]:
+        """Every host heard from, by this hub and (with peers) by the others."""
         now = self.clock()
         hosts = {}
         for name, host in sorted(self.hosts.items()):
@@ -258,25 +279,16 @@ class Receiver:
                 "last_heard": host.last_heard,
                 "agents": {agent: self._agent_health(name, agent, row)
                            for agent, row in sorted(host.agents.items())}}
-        stats = self.spool.stats()
-        oldest = stats.oldest_time
-        out = {"hosts": hosts, "batches": dict(self.batches),
-               "delivery": {"backlog_records": stats.records, "backlog_bytes": stats.bytes,
-                            "oldest_s": None if oldest is None else max(0.0, now - oldest),
-                            "max_bytes": stats.max_bytes},
-               "samples": {"series": self.sample_series, "rejected": self.samples_rejected}}
-        if self.delivery is not None:
-            out["legacy_hub"] = self.delivery.status()
-        if self.spool.recovered:
-            out["spool_recovered"] = self.spool.recovered
-        return out
+        if self.peers is not None:
+            hosts = self.peers.merge_hosts(hosts, self.silent_after_s)
+        return hosts
 
     def _agent_health(self, host: str, agent: str, row: AgentView) -> dict:
         out: dict[str, object] = {
             "last_seq": row.last_seq, "last_heard": row.last_heard,
             "last_record_time": row.last_record_time, "received": row.received,
             "stored": row.stored, "duplicates": row.duplicates, "gaps": row.gaps,
-            "missing": row.missing}
+            "missing": row.missing, "held_by_peer": row.held_by_peer}
         if self.delivery is not None:
             counts = self.delivery.agents.get((host, agent))
             out["delivered"] = counts.delivered if counts else 0
@@ -307,6 +319,8 @@ class HubCollector:
                      "Times an agent's seq jumped past the next one expected"),
             "missing": ("agentvisor_hub_records_missing",
                         "Seqs skipped by gaps: sent to the other hub or lost upstream"),
+            "held_by_peer": ("agentvisor_hub_records_held_by_peer",
+                             "Duplicates the other hub had stored (resent after a failover)"),
         }
         families = {attr: CounterMetricFamily(name, doc, labels=["agent", "host"])
                     for attr, (name, doc) in per_agent.items()}
@@ -314,16 +328,18 @@ class HubCollector:
                                      "The highest seq stored per agent (the high-water mark)",
                                      labels=["agent", "host"])
         heard = GaugeMetricFamily("agentvisor_hub_host_last_heard_timestamp_seconds",
-                                  "When a batch last carried this host's records",
-                                  labels=["host"])
+                                  "When a batch last carried this host's records (to this "
+                                  "hub or, as its peers report, another)", labels=["host"])
         silent = GaugeMetricFamily("agentvisor_hub_host_partitioned",
-                                   f"1 when the host was not heard from within "
+                                   f"1 when no hub heard from the host within "
                                    f"{r.silent_after_s:g} s", labels=["host"])
+        for host, entry in r.hosts_health().items():
+            times = [t for t in entry.get("heard_by", {host: entry["last_heard"]}).values()
+                     if t is not None]
+            if times:
+                heard.add_metric([host], max(times))
+            silent.add_metric([host], float(entry["partitioned"]))
         for host, view in r.hosts.items():
-            if view.last_heard is not None:
-                heard.add_metric([host], view.last_heard)
-            silent.add_metric([host], float(view.last_heard is None
-                                            or now - view.last_heard > r.silent_after_s))
             for agent, row in view.agents.items():
                 for attr, family in families.items():
                     family.add_metric([agent, host], getattr(row, attr))
@@ -366,21 +382,42 @@ class HubCollector:
             yield CounterMetricFamily("agentvisor_hub_delivery_retries",
                                       "Delivery attempts that failed and were retried",
                                       value=d.retries_total)
+        if r.peers is not None:
+            up = GaugeMetricFamily("agentvisor_hub_peer_up",
+                                   "1 while the other hub's reports arrive", labels=["peer"])
+            last = GaugeMetricFamily("agentvisor_hub_peer_last_heard_timestamp_seconds",
+                                     "When the other hub's last report arrived",
+                                     labels=["peer"])
+            for name, peer in r.peers.heard.items():
+                up.add_metric([name], float(r.peers.live(peer, now)))
+                last.add_metric([name], peer.received_at)
+            yield up
+            yield last
         yield CounterMetricFamily("agentvisor_hub_samples_rejected",
                                   "Sample records or series that could not be exported",
                                   value=r.samples_rejected)
+        # The newest samples of each agent, this hub's or a peer's (either hub answers for
+        # the whole fleet).
+        latest = dict(r.sampled)
+        if r.peers is not None:
+            for key, entry in r.peers.samples().items():
+                if key not in latest or entry[0] > latest[key][0]:
+                    latest[key] = entry
         sampled = GaugeMetricFamily(samples.PREFIX + "sampled_timestamp_seconds",
                                     "When the agent's latest samples were taken on its host "
                                     "(late after a partition: they travel in order)",
                                     labels=["agent", "host"])
-        for (host, agent), when in r.sampled_at.items():
+        by_name: dict[str, list[tuple[Key, float]]] = {}
+        for (host, agent), (when, metrics) in latest.items():
             sampled.add_metric([agent, host], when)
+            for name, value in metrics.items():
+                by_name.setdefault(name, []).append(((host, agent), value))
         yield sampled
-        for name, series in sorted(r.samples.items()):
+        for name, values in sorted(by_name.items()):
             gauge = GaugeMetricFamily(samples.PREFIX + name,
                                       f"The latest {name} sample of each agent",
                                       labels=["agent", "host"])
-            for (host, agent), value in series.items():
+            for (host, agent), value in values:
                 gauge.add_metric([agent, host], value)
             yield gauge
 
@@ -399,7 +436,9 @@ class Hub:
     def __init__(self, state_dir: Path, deliver_to: tuple[str, int], *, name: str = "",
                  host: str = "", max_bytes: int = DEFAULT_MAX_BYTES,
                  sync_interval_s: float = 1.0, deliver_timeout_s: float | None = None,
-                 silent_after_s: float = SILENT_AFTER_S):
+                 silent_after_s: float = SILENT_AFTER_S,
+                 peers: Sequence[tuple[str, int]] = (),
+                 share_interval_s: float = SHARE_INTERVAL_S):
         self.name = name
         self.sync_interval_s = sync_interval_s
         path = state_dir / DELIVERY_SPOOL
@@ -411,7 +450,9 @@ class Hub:
                     "delivery spool %s: %s", path, self.spool.recovered)
         self.delivery = Delivery(self.spool, deliver_to, timeout_s=(
             DEFAULT_TIMEOUT_S if deliver_timeout_s is None else deliver_timeout_s))
-        self.receiver = Receiver(self.spool, delivery=self.delivery,
+        self.peers = Peers(peers, name=name or host or "hub", report=self._report,
+                           interval_s=share_interval_s) if peers else None
+        self.receiver = Receiver(self.spool, delivery=self.delivery, peers=self.peers,
                                  silent_after_s=silent_after_s)
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
@@ -437,10 +478,20 @@ class Hub:
         async def ready(_request: web.Request) -> web.Response:
             return web.Response(text="ready\n")
 
+        async def peer(request: web.Request) -> web.Response:
+            if self.peers is None:
+                return _answer(404, {"error": "this hub has no peers configured (--peer)"})
+            status, answer = self.peers.take(await request.read(), request.remote or "?")
+            if status != 200:
+                log.warning("peer report from %s refused: %s", request.remote,
+                            answer["error"])
+            return _answer(status, answer)
+
         # aiohttp refuses a larger body with 413 on its own.
         app = web.Application(client_max_size=wire.MAX_BATCH_BYTES)
         app.add_routes([web.post(wire.PATH, records), web.get("/health", health),
-                        web.get("/metrics", metrics), web.get("/ready", ready)])
+                        web.get("/metrics", metrics), web.get("/ready", ready),
+                        web.post(peers_path, peer)])
         return app
 
     def records(self, content_type: str, length: int | None,
@@ -474,18 +525,30 @@ class Hub:
         return _answer(200, {"stored": len(admission.new),
                              "duplicates": len(admission.duplicates)})
 
+    def _report(self, now: float) -> bytes:
+        """What this hub tells the others each interval (sidecar.hub.peers)."""
+        d = self.delivery
+        return report_body(self.peers.name if self.peers else self.name, now,
+                           self.receiver.hosts, self.spool.high_waters(),
+                           self.receiver.sampled,
+                           {None: "unknown", True: "up", False: "down"}[d.up],
+                           self.spool.stats().records)
+
     async def start(self, sock: socket.socket) -> None:
         runner = self._runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
         sock.setblocking(False)
         await web.SockSite(runner, sock).start()
         self._tasks = [asyncio.create_task(self.delivery.run(), name="delivery")]
+        if self.peers is not None:
+            self._tasks.append(asyncio.create_task(self.peers.run(), name="peers"))
         if self.sync_interval_s > 0:
             self._tasks.append(asyncio.create_task(self._sync(), name="sync"))
         stats = self.spool.stats()
-        log.info("hub %s: receiving on %s, delivering to %s:%d; %d records waiting",
-                 self.name or "(unnamed)", _address(sock), *self.delivery.address,
-                 stats.records)
+        log.info("hub %s: receiving on %s, delivering to %s:%d; %d records waiting; "
+                 "peers: %s", self.name or "(unnamed)", _address(sock),
+                 *self.delivery.address, stats.records,
+                 ", ".join(self.peers.sending) if self.peers else "none")
 
     async def wait(self) -> str:
         """Return why the hub cannot go on (a failed task), if it ever comes to that."""

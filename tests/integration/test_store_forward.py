@@ -140,7 +140,9 @@ def test_a_partition_loses_nothing_and_the_backlog_drains_when_the_hub_returns(
             samples.SENDER), 30, "the supervisor's samples at the receiver")
         assert sender["gaps"] == 0 and sender["last_seq"] == sender["stored"] >= 2, sender
         assert all(r["path"] != samples.PATH for r in legacy.received())
-        assert 'agentvisor_agent_up{agent="Gamma",host="TestHost"} 1.0' in receiver.metrics()
+        # The rounds arrive in order: the latest says Gamma is up, once it has arrived.
+        wait_until(lambda: 'agentvisor_agent_up{agent="Gamma",host="TestHost"} 1.0'
+                   in receiver.metrics(), 30, "Gamma's latest samples at the receiver")
     finally:
         if receiver is not None:
             receiver.kill()

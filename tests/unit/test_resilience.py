@@ -80,8 +80,21 @@ def test_hub_block_is_read_and_checked():
     data, problems = parse_data(None, None, {"listen": "127.0.0.1:9190",
                                              "deliver_to": "127.0.0.1:9000"})
     assert problems == []
-    assert data.hub == HubSettings(listen=("127.0.0.1", 9190), deliver_to=("127.0.0.1", 9000))
+    assert data.hub == HubSettings(listen=("127.0.0.1", 9190), deliver_to=("127.0.0.1", 9000),
+                                   peers=())
+    # Peers: by default the hubs that are not on this host; or as given.
+    data, problems = parse_data(["127.0.0.1:9190", "pc2:9190", "[::1]:9190"], None,
+                                {"listen": "0.0.0.0:9190", "deliver_to": "127.0.0.1:9000"})
+    assert problems == [] and data.hub.peers == (("pc2", 9190),)
+    data, problems = parse_data(["127.0.0.1:9190", "pc2:9190"], None,
+                                {"listen": "0.0.0.0:9190", "deliver_to": "127.0.0.1:9000",
+                                 "peers": ["10.0.0.2:9190", "edge:9191"]})
+    assert problems == [] and data.hub.peers == (("10.0.0.2", 9190), ("edge", 9191))
     for block, where in (({"listen": "127.0.0.1:9190"}, "hub.deliver_to"),
+                         ({"listen": "127.0.0.1:9190", "deliver_to": "h:1", "peers": "pc2"},
+                          "hub.peers"),
+                         ({"listen": "127.0.0.1:9190", "deliver_to": "h:1",
+                           "peers": ["pc2"]}, "hub.peers.0"),
                          ({"listen": "127.0.0.1:0", "deliver_to": "127.0.0.1:9000"},
                           "hub.listen"),
                          ({"listen": "127.0.0.1:9190", "deliver_to": "nowhere"},
