@@ -22,7 +22,7 @@ from sidecar.upstream import Upstream
 
 ACTIONS = ("open", "close", "reset")
 # Fields a request may carry; each, when present, is a string.
-REQUEST_FIELDS = ("cmd", "name", "action", "group", "rows")
+REQUEST_FIELDS = ("cmd", "name", "action", "group", "rows", "forwarding")
 REQUEST_TIMEOUT_S = 10.0  # a client that connects and says nothing is not kept waiting
 # The supervisor reads a reply as one line with asyncio's default 64 KiB limit; rows are
 # cut to stay under it with room for the envelope. Each row is a few hundred bytes, so
@@ -108,9 +108,11 @@ def act(upstreams: list[Upstream], action: str, name: str, now: float) -> list[s
 
 
 async def serve(path: Path, upstreams: Callable[[], list[Upstream]],
-                agents: Callable[[str], int] | None = None) -> asyncio.AbstractServer:
+                agents: Callable[[str, str | None], int] | None = None) -> asyncio.AbstractServer:
     """The control socket. `agents` takes the supervisor's agent rows (a JSON list, as
-    the text of the `rows` field) for the exporter, and says how many it kept."""
+    the text of the `rows` field) and, on a host with store_forward, the spool's and
+    forwarder's state (a JSON object as the text of `forwarding`) for the exporter, and
+    says how many rows it kept."""
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
@@ -132,7 +134,10 @@ async def serve(path: Path, upstreams: Callable[[], list[Upstream]],
                 reply = ({"ok": True, "breakers": touched} if touched else
                          {"ok": False, "error": f"no breaker or upstream named {name!r}"})
             elif cmd == "agents" and agents is not None:
-                reply = {"ok": True, "kept": agents(request.get("rows", "[]"))}
+                forwarding = request.get("forwarding")
+                reply = {"ok": True, "kept": agents(
+                    request.get("rows", "[]"),
+                    forwarding if isinstance(forwarding, str) else None)}
             else:
                 reply = {"ok": False, "error": f"unknown command {cmd[:80]!r}"}
         except ValueError as exc:  # MalformedRequest, or act()'s unknown action

@@ -36,16 +36,20 @@ class AgentsCollector:
         self._clock = clock
         self._rows: list[dict[str, Any]] = []
         self._received_at: float | None = None
+        self._forwarding: dict[str, Any] | None = None
 
-    def update(self, rows_json: str) -> int:
-        """Replace the rows with the supervisor's latest; the number kept. ValueError
-        when the text is not a JSON list."""
+    def update(self, rows_json: str, forwarding_json: str | None = None) -> int:
+        """Replace the rows (and the spool's and forwarder's state, on a host with
+        store_forward) with the supervisor's latest; the number of rows kept. ValueError
+        when the rows are not a JSON list."""
         try:
             rows = json.loads(rows_json)
+            forwarding = json.loads(forwarding_json) if forwarding_json else None
         except RecursionError:
             raise ValueError("rows nested too deep") from None
         if not isinstance(rows, list):
             raise ValueError("rows must be a JSON list")
+        self._forwarding = forwarding if isinstance(forwarding, dict) else None
         kept = [r for r in rows[:MAX_AGENTS]
                 if isinstance(r, dict) and isinstance(r.get("name"), str)]
         self._rows = kept
@@ -78,7 +82,32 @@ class AgentsCollector:
                 last_exit.add_metric([*labels, row["last_exit"][:200]], 1.0)
         if self._received_at is not None:
             sampled.add_metric([], self._received_at)
-        return iter(fams)
+        return iter(fams + tuple(self._spool()))
+
+    def _spool(self) -> Iterator[Metric]:
+        """store_forward's spool and forwarder (absent on a host without one)."""
+        f = self._forwarding
+        if f is None:
+            return
+        for name, key, doc in (
+                ("agentvisor_spool_pending_records", "pending_records",
+                 "pushes on disk not yet acked by a hub"),
+                ("agentvisor_spool_pending_bytes", "pending_bytes", "bytes of those pushes"),
+                ("agentvisor_spool_max_bytes", "max_bytes",
+                 "the spool's bound: when full, pushes are refused with 503"),
+                ("agentvisor_spool_oldest_pending_seconds", "oldest_pending_s",
+                 "age of the oldest push not yet acked (0: none)")):
+            value = f.get(key)
+            yield GaugeMetricFamily(name, doc, value=float(value) if samples.finite(value)
+                                    else 0.0)
+        state = f.get("state")
+        yield GaugeMetricFamily("agentvisor_forwarder_partitioned",
+                                "1 while no hub answers: pushes are spooled, and drained "
+                                "oldest first when one does",
+                                value=1.0 if state == "partitioned" else 0.0)
+        yield GaugeMetricFamily("agentvisor_spool_refusing",
+                                "1 while pushes are refused (the spool is full or failing)",
+                                value=1.0 if f.get("refusing") else 0.0)
 
 
 def _families() -> tuple[Any, ...]:

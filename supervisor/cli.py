@@ -656,7 +656,30 @@ def render_status(status: dict) -> str:
         for name, u in upstreams.items():
             lines.append(f"  {name:<{width}}  {u['listen']:<21}  {u['protocol']:<4}  "
                          + ", ".join(u["endpoints"]))
+    if status.get("metrics"):
+        lines.append("\n" + render_metrics(status["metrics"]))
     return "\n".join(lines)
+
+
+def render_metrics(m: dict, now: float | None = None) -> str:
+    """store_forward's spool and forwarder in one line."""
+    state = m.get("state") or "-"
+    if "pending_records" not in m:  # the data process is not running
+        return f"metrics spool: {state}"
+    since = m.get("partitioned_since")
+    if state == "partitioned":
+        age = (now if now is not None else time.time()) - since if since else None
+        text = f"metrics spool: PARTITIONED for {human_duration(age)}, no hub answers"
+    else:
+        text = f"metrics spool: {state}" + (f" to hub {m['hub']}" if m.get("hub") else "")
+    text += (f"; {m['pending_records']:,} pushes pending "
+             f"({(m.get('pending_bytes') or 0) / 1e6:.1f} of "
+             f"{(m.get('max_bytes') or 0) / 1e6:.0f} MB)")
+    if m.get("oldest_pending_s") is not None:
+        text += f", oldest {human_duration(m['oldest_pending_s'])}"
+    if m.get("refusing"):
+        text += f"; REFUSING pushes: {m['refusing']}"
+    return text
 
 
 def render_breakers(rows: list[dict]) -> str:

@@ -99,6 +99,8 @@ class Supervisor:
         self._warned: set[tuple[str, str]] = set()
         self._export_cut_said = False
         self._samples_refused_said = False
+        # The spool and forwarder as the data process last said (each sampling round).
+        self._forwarding: dict | None = None
         self._lock = asyncio.Lock()  # one reload/rollback/shutdown at a time
         self._control = ControlServer(self.socket_path, self,
                                       allowed_gid=_group_id(config.control_group))
@@ -409,7 +411,16 @@ class Supervisor:
             "upstreams": self.traffic.listeners(self.config),
             "runtime_dir": str(self.config.runtime_dir),
             "nftables_table": self.traffic.table,  # transparent redirects, when any
+            **({"metrics": self._metrics_status()} if DATA in self.agents else {}),
         }
+
+    def _metrics_status(self) -> dict:
+        """store_forward's spool and forwarder, as the data process said at the last
+        sampling round; its state alone when it is not running."""
+        data = self.agents[DATA]
+        if data.state is not State.RUNNING or self._forwarding is None:
+            return {"state": f"data process {data.state.value}"}
+        return dict(self._forwarding)
 
     def agent(self, name: str) -> Agent:
         try:
@@ -522,11 +533,31 @@ class Supervisor:
             await self._export_agents()
 
     async def _export_agents(self) -> None:
-        """Hand this round's rows to the sidecar, which serves them as agentvisor_agent_*
-        on the host's /metrics (every agent an exporter, without code), and to the data
-        process, which spools them for the hubs (`sidecar.samples`). Best effort: a
+        """Hand this round's rows to the data process, which spools them for the hubs
+        (`sidecar.samples`) and answers with the spool's and forwarder's state, then both
+        to the sidecar, which serves them as agentvisor_agent_* and agentvisor_spool_* on
+        the host's /metrics (every agent an exporter, without code). Best effort: a
         process that is restarting gets the next round's."""
         agents = self.status()["agents"]
+        data = self.agents.get(DATA)
+        if data is not None and data.state is State.RUNNING:
+            body = samples.round_body(time.time(), {
+                row["name"]: samples.from_row(row) for row in agents})
+            try:
+                status, answer = await self.traffic.push_samples(body)
+            except (LookupError, OSError, ValueError, asyncio.TimeoutError) as exc:
+                status, reason = 0, str(exc) or type(exc).__name__
+            else:
+                reason = f"HTTP {status}: {answer.get('error', '')}"
+                forwarding = answer.get("forwarding")
+                if isinstance(forwarding, dict):
+                    self._forwarding = forwarding
+            if status != 200 and not self._samples_refused_said:
+                # Once until it works again: a full spool refuses every round.
+                log.warning("samples: this round was not spooled for the hubs (%s); "
+                            "rounds are tried every %g s", reason,
+                            self.config.resource_interval_s)
+            self._samples_refused_said = status != 200
         sidecar = self.agents.get(SIDECAR)
         if sidecar is not None and sidecar.state is State.RUNNING:
             rows, left_out = bounded(agents, EXPORT_ROWS_BYTES)
@@ -534,27 +565,13 @@ class Supervisor:
                 log.warning("exporter: %d agents' rows left out (more than one control "
                             "request holds)", left_out)
                 self._export_cut_said = True
+            request = {"cmd": "agents", "rows": json.dumps(rows)}
+            if DATA in self.agents:
+                request["forwarding"] = json.dumps(self._metrics_status())
             try:
-                await self.traffic.ask_sidecar({"cmd": "agents", "rows": json.dumps(rows)},
-                                               timeout_s=2.0)
+                await self.traffic.ask_sidecar(request, timeout_s=2.0)
             except (LookupError, OSError, ValueError, asyncio.TimeoutError) as exc:
                 log.debug("exporter: rows not handed to the sidecar: %s", exc)
-        data = self.agents.get(DATA)
-        if data is not None and data.state is State.RUNNING:
-            body = samples.round_body(time.time(), {
-                row["name"]: samples.from_row(row) for row in agents})
-            try:
-                status = await self.traffic.push_samples(body)
-            except (LookupError, OSError, ValueError, asyncio.TimeoutError) as exc:
-                status, reason = 0, str(exc) or type(exc).__name__
-            else:
-                reason = f"HTTP {status}"
-            if status != 200 and not self._samples_refused_said:
-                # Once until it works again: a full spool refuses every round.
-                log.warning("samples: this round was not spooled for the hubs (%s); "
-                            "rounds are tried every %g s", reason,
-                            self.config.resource_interval_s)
-            self._samples_refused_said = status != 200
 
     async def _groups_loop(self) -> None:
         # Written at most once a second, off the restart path.

@@ -241,9 +241,10 @@ class Traffic:
         finally:
             writer.close()
 
-    async def push_samples(self, body: bytes, timeout_s: float = 2.0) -> int:
+    async def push_samples(self, body: bytes, timeout_s: float = 2.0) -> tuple[int, dict]:
         """One sampling round (`sidecar.samples.round_body`) to the data process, which
-        spools it for the hubs; the HTTP status it answered. LookupError without one."""
+        spools it for the hubs: (HTTP status, its JSON answer, which carries the spool's
+        and forwarder's state). LookupError without a data process."""
         if "data-status" not in self.sockets:
             raise LookupError("no data process (no store_forward upstream)")
         host, port = self.address("data-status")
@@ -253,13 +254,20 @@ class Traffic:
             writer.write(b"POST /samples HTTP/1.1\r\nHost: agentvisor\r\n"
                          b"Content-Type: application/json\r\nConnection: close\r\n"
                          b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            status_line = await asyncio.wait_for(reader.readline(), timeout_s)
-            try:
-                return int(status_line.split()[1])
-            except (IndexError, ValueError):
-                raise ValueError(f"not an HTTP answer: {status_line[:80]!r}") from None
+            # Connection: close: the answer is everything up to EOF (a few hundred bytes).
+            answer = await asyncio.wait_for(reader.read(1 << 20), timeout_s)
         finally:
             writer.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        try:
+            status = int(head.split(None, 2)[1])
+        except (IndexError, ValueError):
+            raise ValueError(f"not an HTTP answer: {head[:80]!r}") from None
+        try:
+            parsed = json.loads(payload)
+        except ValueError:
+            parsed = {}
+        return status, parsed if isinstance(parsed, dict) else {}
 
     # --- transparent redirects ----------------------------------------------------------
 

@@ -221,7 +221,20 @@ class DataProcess:
         self.samples["stored"] += 1
         if self.forwarder is not None:
             self.forwarder.wake()
-        return 200, {"stored": len(agents)}
+        return 200, {"stored": len(agents), "forwarding": self.forwarding()}
+
+    def forwarding(self) -> dict:
+        """The spool and the forwarder in brief, for the supervisor's `status` and the
+        host's /metrics (it comes back in the answer to each round of samples)."""
+        stats = self.spool.stats()
+        f = self.forwarder.status() if self.forwarder is not None else None
+        return {"state": f["state"] if f else "spooling only (no hubs)",
+                "hub": f["hub"] if f else None,
+                "partitioned_since": f["partitioned_since"] if f else None,
+                "pending_records": stats.records, "pending_bytes": stats.bytes,
+                "max_bytes": stats.max_bytes,
+                "oldest_pending_s": f["oldest_pending_s"] if f else None,
+                "refusing": self.ingest.commit.refusing if self.ingest else None}
 
     async def stop(self) -> None:
         """SIGTERM: stop accepting, answer what is in flight, sync, close."""

@@ -65,6 +65,12 @@ def _answered(tmp_path, name: str) -> list[tuple[int, ...]]:
     return [tuple(map(int, lines[i:i + 3])) for i in range(0, len(lines) - 2, 3)]
 
 
+def _metrics_listen(fleet) -> str:
+    import yaml
+
+    return yaml.safe_load(fleet.config_path.read_text())["sidecar"]["metrics_listen"]
+
+
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.read().decode()
@@ -129,10 +135,22 @@ def test_a_partition_loses_nothing_and_the_backlog_drains_when_the_hub_returns(
         wait_until(lambda: len(_answered(tmp_path, "Gamma")) >= pushes // 2, 60,
                    "pushes answered while no hub is reachable")
         assert _at_hub(legacy, "Gamma") == []  # nothing could have gone anywhere
+        # The operator is told: in status, and on the host's /metrics.
+        spool = wait_until(lambda: (lambda m: m if m.get("state") == "partitioned" else None)(
+            fleet.status().get("metrics", {})), 20, "status to say partitioned")
+        assert spool["pending_records"] > 0 and spool["partitioned_since"], spool
+        host_metrics = "http://{}/metrics".format(_metrics_listen(fleet))
+        wait_until(lambda: "agentvisor_forwarder_partitioned 1.0" in _get(host_metrics), 20,
+                   "the host's /metrics to say partitioned")
+        assert "PARTITIONED for" in fleet.cli("status").stdout
         receiver = Receiver(tmp_path, legacy.port, port=hub_port).start()
         wait_until(lambda: len(_answered(tmp_path, "Gamma")) == pushes, 60, "every push answered")
         wait_until(lambda: len(_at_hub(legacy, "Gamma")) == pushes, 60, "the backlog drained")
         assert _at_hub(legacy, "Gamma") == list(range(1, pushes + 1))
+        wait_until(lambda: fleet.status()["metrics"]["state"] in ("idle", "forwarding"), 20,
+                   "status to say the partition is over")
+        wait_until(lambda: "agentvisor_forwarder_partitioned 0.0" in _get(host_metrics), 20,
+                   "the host's /metrics to say the partition is over")
         # The supervisor's rounds of samples taken during the partition were spooled like
         # pushes and arrived too, every one, in order (no gap in its sequence), and never
         # reached the legacy hub (its samples are the receiver's to export).
@@ -172,7 +190,8 @@ def test_a_hub_host_runs_its_receiver_and_forwards_to_it(fleet, tmp_path):
         # Every agent of the host has an exporter at the hub: the supervisor's samples,
         # with the time each round was taken.
         metrics = f"http://127.0.0.1:{hub_port}/metrics"
-        text = wait_until(lambda: (lambda t: t if 'agent="Delta"' in t else None)(
+        # (A process's first sample has no CPU figure yet: a rate needs two.)
+        text = wait_until(lambda: (lambda t: t if 'cpu_percent{agent="Delta"' in t else None)(
             _get(metrics)), 30, "Delta's samples on the hub's /metrics")
         for family in ("up", "restarts_total", "cpu_percent", "resident_memory_bytes",
                        "threads", "open_fds", "uptime_seconds", "sampled_timestamp_seconds"):

@@ -62,3 +62,43 @@ def test_malformed_rows_and_values_are_skipped():
     text = scrape(c)
     assert 'agentvisor_agent_up{agent="ServiceRegistry"' in text
     assert "agentvisor_agent_cpu_percent{" not in text and "agentvisor_agent_threads{" not in text
+
+
+def test_the_spool_and_the_forwarder_are_exported_on_a_store_forward_host():
+    collector = AgentsCollector(clock=lambda: 100.0)
+    collector.update(json.dumps([]))
+    assert "agentvisor_forwarder_partitioned" not in scrape(collector)  # no store_forward
+    collector.update(json.dumps([]), json.dumps({
+        "state": "partitioned", "pending_records": 1200, "pending_bytes": 360_000,
+        "max_bytes": 512 << 20, "oldest_pending_s": 95.5, "refusing": None}))
+    text = scrape(collector)
+    for line in ("agentvisor_forwarder_partitioned 1.0",
+                 "agentvisor_spool_pending_records 1200.0",
+                 "agentvisor_spool_pending_bytes 360000.0",
+                 "agentvisor_spool_oldest_pending_seconds 95.5",
+                 "agentvisor_spool_refusing 0.0"):
+        assert line in text, line
+    collector.update(json.dumps([]), json.dumps({"state": "forwarding", "refusing": "full",
+                                                 "oldest_pending_s": None}))
+    text = scrape(collector)
+    assert "agentvisor_forwarder_partitioned 0.0" in text
+    assert "agentvisor_spool_refusing 1.0" in text
+    assert "agentvisor_spool_oldest_pending_seconds 0.0" in text
+
+
+def test_status_says_partitioned_in_one_line():
+    from supervisor.cli import render_metrics
+
+    line = render_metrics({"state": "partitioned", "hub": None, "partitioned_since": 1000.0,
+                           "pending_records": 12345, "pending_bytes": 3_700_000,
+                           "max_bytes": 512_000_000, "oldest_pending_s": 130.0,
+                           "refusing": None}, now=1130.0)
+    assert line == ("metrics spool: PARTITIONED for 2m10s, no hub answers; 12,345 pushes "
+                    "pending (3.7 of 512 MB), oldest 2m10s")
+    assert render_metrics({"state": "idle", "hub": "127.0.0.1:9190", "pending_records": 0,
+                           "pending_bytes": 0, "max_bytes": 512_000_000,
+                           "oldest_pending_s": None, "refusing": "spool full"}) == (
+        "metrics spool: idle to hub 127.0.0.1:9190; 0 pushes pending (0.0 of 512 MB); "
+        "REFUSING pushes: spool full")
+    assert render_metrics({"state": "data process BACKOFF"}) == \
+        "metrics spool: data process BACKOFF"
