@@ -15,10 +15,11 @@ keeps the last report of each peer and:
 Why marks from a peer are safe to drop by: a peer's mark is the highest seq it *stored*,
 and a stored record is delivered by that hub in the end (its spool keeps it through
 restarts). Marks only rise, so an old report is a lower bound, never wrong; it can only
-let a duplicate through, never drop a record nobody has. What sharing cannot close: a
-batch the other hub stored in the last interval before it stopped answering, resent here
-before its report arrived, reaches both legacy hubs (at most one batch per failover,
-counted at neither).
+let a duplicate through, never drop a record nobody has. The other half is in the
+receiver: a batch whose forwarder gave up (closed the connection) before the receiver got
+to it, as happens to every batch queued at a hung receiver, is not stored at all. What
+neither closes: a batch caught half-way through its commit when its hub hangs, resent to
+the other hub, reaches both legacy hubs (a record or two per failover).
 
 A report is data from another machine: parsed leniently and bounded (`parse_report`),
 what is malformed is left out, and a report that is not an object is refused with 400.

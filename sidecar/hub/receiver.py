@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import socket
 import time
 from collections import Counter
@@ -149,10 +150,13 @@ class Receiver:
         self.peers = peers  # the other hubs: their marks, hosts and samples
         self.silent_after_s = silent_after_s
         self.clock = clock
-        # Hosts and agents heard from since this process started (the marks of the
-        # others are in the spool, and show here once they send again).
+        # Hosts and agents: every one the spool has a mark for, so that a restarted
+        # receiver still lists them (not heard from yet: silent until they send again).
         self.hosts: dict[str, HostView] = {}
-        self.batches = {"stored": 0, "malformed": 0, "too_large": 0, "full": 0}
+        for (host, agent), mark in spool.high_waters().items():
+            self._agent(host, agent).last_seq = mark
+        self.batches = {"stored": 0, "malformed": 0, "too_large": 0, "full": 0,
+                        "abandoned": 0}
         # (host, agent) -> (when sampled on its host, latest values by sample name)
         self.sampled: dict[Key, tuple[float, dict[str, float]]] = {}
         self.samples_rejected = 0
@@ -465,6 +469,14 @@ class Hub:
             length = request.content_length
             body = None if length is not None and length > wire.MAX_BATCH_BYTES \
                 else await _body(request)  # None: over the limit, refused unread
+            if body is not None and not _sender_waiting(request):
+                # The forwarder gave up on this batch (its timeout closed the connection)
+                # before we got to it, e.g. while this process was stopped: it has been or
+                # will be sent again, maybe to the other hub. Storing it now would put it
+                # at both hubs; nobody would read the answer.
+                self.receiver.batches["abandoned"] += 1
+                log.info("a batch whose sender had already given up was not stored")
+                return _answer(503, {"error": "sender gone"})
             return self.records(request.content_type, length, body)
 
         async def health(_request: web.Request) -> web.Response:
@@ -575,6 +587,29 @@ class Hub:
             self.spool.sync()
         finally:
             self.spool.close()
+
+
+def _sender_waiting(request: web.Request) -> bool:
+    """Whether the sender still waits for this request's answer: its connection is open
+    and has not sent FIN or RST behind the request. Peeked on a duplicate of the socket
+    (the loop's own transport may not expose recv), never consuming a byte."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        fd = os.dup(sock.fileno())
+    except (OSError, ValueError):
+        return True
+    with socket.socket(fileno=fd) as peek:
+        try:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing behind the request: it waits
+        except OSError:
+            return False  # reset
 
 
 async def _body(request: web.Request) -> bytes | None:

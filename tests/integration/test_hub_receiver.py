@@ -10,6 +10,7 @@ batch is refused and changes nothing; /health and /metrics say what happened.
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -101,6 +102,10 @@ def test_a_restarted_receiver_still_drops_duplicates_and_delivers_its_backlog(
     receiver.kill()  # SIGKILL: no chance to flush anything
     receiver.start()
     assert receiver.health()["delivery"]["backlog_records"] == 6
+    # It still knows the hosts it heard before: silent until they send again.
+    pc2 = receiver.health()["hosts"]["PC2"]
+    assert pc2["partitioned"] is True and pc2["last_heard"] is None
+    assert pc2["agents"]["EdgeAgent"]["last_seq"] == 5
     assert receiver.send(batch)[:2] == (200, {"stored": 0, "duplicates": 6})
     assert receiver.send([rec("EdgeAgent", 6)])[:2] == (200, {"stored": 1, "duplicates": 0})
     assert receiver.health()["hosts"]["PC2"]["agents"]["EdgeAgent"]["last_seq"] == 6
@@ -350,3 +355,33 @@ def test_a_corrupt_delivery_spool_is_reported_and_the_receiver_serves(
     assert "corrupt" in health["spool_recovered"]
     assert "ERROR" in receiver.log() and "hub-delivery.db" in receiver.log()
     assert receiver.send([rec("A", 1)])[:2] == (200, {"stored": 1, "duplicates": 0})
+
+
+def test_a_batch_whose_sender_gave_up_while_the_receiver_was_stopped_is_not_stored(
+        legacy, receiver):
+    """A hung receiver (SIGSTOP) gets a batch; the forwarder times out, closes, and sends
+    it to the other hub. When this receiver runs again it must not store it too: the
+    batch would reach both legacy hubs."""
+    legacy.start()
+    receiver.start()
+    body = wire.encode([rec("A", 1), rec("A", 2)])
+    receiver.proc.send_signal(signal.SIGSTOP)
+    try:
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as sock:
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: hub\r\nContent-Type: %s\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (wire.PATH.encode(),
+                                                          wire.CONTENT_TYPE.encode(),
+                                                          len(body)) + body)
+            sock.settimeout(0.5)
+            with pytest.raises(socket.timeout):  # stopped: no answer; the sender gives up
+                sock.recv(1)
+    finally:
+        receiver.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: receiver.health()["batches"]["abandoned"] == 1, 10,
+               "the abandoned batch to be noticed")
+    assert receiver.health()["batches"]["stored"] == 0
+    assert "PC2" not in receiver.health()["hosts"]
+    # Sent again (here, as it would be to the other hub), it is new.
+    assert receiver.send([rec("A", 1), rec("A", 2)])[:2] == (200, {"stored": 2,
+                                                                   "duplicates": 0})
+    assert [s for _, _, s in delivered(legacy, 2)] == [1, 2]

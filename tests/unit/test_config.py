@@ -599,6 +599,15 @@ def test_example_configs_load_without_problems(tmp_path, name):
     assert config.secrets.names == ("NATS_PASSWORD",)
     assert "ObservabilityHub" in config.upstreams
     assert all(a.script_path.is_file() for a in config.agents)
+    # Metrics through partitions: pushes spooled and forwarded, nearest hub first; each
+    # PC runs a hub receiver that shares with the other PC's.
+    from sidecar.config import Deliver
+
+    assert config.upstreams["ObservabilityHub"].deliver is Deliver.STORE_FORWARD
+    other = {"mainpc.yaml": "pc2", "pc2.yaml": "mainpc"}[name]
+    assert config.data.hubs == (("127.0.0.1", 9190), (other, 9190))
+    assert config.data.hub.peers == ((other, 9190),)
+    assert config.data.hub.deliver_to == config.upstreams["ObservabilityHub"].endpoints[0]
 
 
 def test_mainpc_example_has_the_known_agents(tmp_path):
