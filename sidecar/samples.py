@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Final, Mapping
+from typing import Any, Final, Mapping, TypeGuard
 
 CONTENT_TYPE: Final = "application/x-agentvisor-samples"
 # The path a sample record carries (a legacy hub never gets it: the receiver exports
@@ -64,7 +64,7 @@ def from_row(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def finite(value: Any) -> bool:
+def finite(value: Any) -> TypeGuard[int | float]:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
 

@@ -32,6 +32,7 @@ import socket
 import sqlite3
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar.args import address, adopt, inherited, number
 from sidecar.main import listen
@@ -43,6 +44,12 @@ from sidecar.data.ingest import (
     IngestSettings,
 )
 from sidecar.data.reads import DEFAULT_READS_TIMEOUT_S
+
+if TYPE_CHECKING:  # imported where used: `--help` and bad arguments stay fast
+    from aiohttp import web
+
+    from sidecar.forwarder import Forwarder
+    from sidecar.spool import Spool
 
 log = logging.getLogger("agentvisor.data")
 
@@ -61,16 +68,16 @@ class DataProcess:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.spool = None
+        self.spool: Spool = None  # type: ignore[assignment]  # open_spool() sets it first
         self.ingest: Ingest | None = None
-        self.forwarder = None
+        self.forwarder: Forwarder | None = None
         self.ready = False
         self.exit_code = 0
         self.stopping = asyncio.Event()  # SIGTERM, SIGINT, or a spool that must be reopened
         self.recovered: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._sync_timer: asyncio.TimerHandle | None = None
-        self._status_runner = None
+        self._status_runner: web.AppRunner | None = None
         self.samples = {"stored": 0, "refused": 0, "malformed": 0}  # POST /samples rounds
 
     def open_spool(self) -> None:
@@ -130,6 +137,7 @@ class DataProcess:
     async def _forward(self) -> None:
         from sidecar.spool import SpoolCorrupt
 
+        assert self.forwarder is not None  # started only with one
         try:
             await self.forwarder.run()
         except asyncio.CancelledError:

@@ -20,7 +20,8 @@ hub in the order the agent made them. What the hub's answer means:
 
 A record is acked right after its answer, in its own small transaction: a crash between
 the answer and the ack redelivers that one record (at least once to the legacy hub; the
-X-Agentvisor-Seq header lets a hub that cares drop it), never loses it.
+X-Agentvisor-Seq header lets a hub that cares drop it), never loses it. A stop is not a
+crash: `finish()` lets the record in hand get its answer and its ack first.
 
 Sample records (`sidecar.samples`: a host's supervisor's process samples of an agent)
 are not the legacy hub's: the receiver exports them itself. They pass through the queue
@@ -99,6 +100,7 @@ class Delivery:
         self.probe_interval_s = probe_interval_s
         self.clock = clock
         self._wake = asyncio.Event()
+        self._finishing = False
         self._base = f"http://{address[0]}:{address[1]}" if ":" not in address[0] \
             else f"http://[{address[0]}]:{address[1]}"
         # The legacy hub as last seen: None until the first attempt or probe.
@@ -129,19 +131,33 @@ class Delivery:
             self.last_error = error
 
     async def run(self) -> None:
-        """Deliver until cancelled."""
+        """Deliver until cancelled, or until `finish()` and the record in hand is done."""
         connector = aiohttp.TCPConnector(limit=1, enable_cleanup_closed=True)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                          auto_decompress=False) as session:
-            while True:
+            while not self._finishing:
                 records = self.spool.pending(limit=READ_LIMIT)
                 if not records:
                     self._wake.clear()
                     await self._idle()
                     continue
                 for record in records:
+                    if self._finishing:
+                        break
                     await self._deliver(session, record)
+
+    async def finish(self, task: asyncio.Task, grace_s: float) -> None:
+        """Stop after the record in hand (`task` runs `run()`): a push the legacy hub has
+        already taken is acked before we go, so a stop (SIGTERM) does not deliver it
+        twice. Only a record the hub has not answered within `grace_s` is cut off, and
+        delivered again after the restart."""
+        self._finishing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace_s)
+        except (asyncio.TimeoutError, Exception):
+            pass
 
     async def _idle(self) -> None:
         try:
@@ -202,6 +218,8 @@ class Delivery:
             if outcome != "retry":
                 break
             self._state(False, error)
+            if self._finishing:  # not taken: it stays in the spool for the next start
+                return
             failures += 1
             self.retries_total += 1
             await asyncio.sleep(backoff_s(failures))

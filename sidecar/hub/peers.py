@@ -99,7 +99,7 @@ def parse_report(data: bytes, *, received_at: float) -> Report | str:
     if not isinstance(doc, dict):
         return "not a JSON object"
     name, sent = doc.get("name"), _number(doc.get("time"))
-    if not _text(name) or sent is None:
+    if not isinstance(name, str) or not _text(name) or sent is None:
         return 'needs "name" (text) and "time" (unix seconds)'
 
     def here(t: Any) -> float | None:  # a peer-clock time as this hub's clock reads it
@@ -308,8 +308,8 @@ class Peers:
                             "last_seq": row.mark, "last_heard": row.last_heard,
                             "last_record_time": row.last_record_time, "via": peer}
         for entry in out.values():
-            heard = [t for t in entry["heard_by"].values() if t is not None]
-            live = bool(heard) and now - max(heard) <= silent_after_s
+            times = [t for t in entry["heard_by"].values() if t is not None]
+            live = bool(times) and now - max(times) <= silent_after_s
             entry["state"] = "live" if live else "silent"
             entry["partitioned"] = not live
         return dict(sorted(out.items()))

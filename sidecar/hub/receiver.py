@@ -404,9 +404,9 @@ class HubCollector:
         # the whole fleet).
         latest = dict(r.sampled)
         if r.peers is not None:
-            for key, entry in r.peers.samples().items():
-                if key not in latest or entry[0] > latest[key][0]:
-                    latest[key] = entry
+            for key, sample in r.peers.samples().items():
+                if key not in latest or sample[0] > latest[key][0]:
+                    latest[key] = sample
         sampled = GaugeMetricFamily(samples.PREFIX + "sampled_timestamp_seconds",
                                     "When the agent's latest samples were taken on its host "
                                     "(late after a partition: they travel in order)",
@@ -580,6 +580,9 @@ class Hub:
         """Stop receiving and delivering; make what was stored durable; close."""
         if self._runner is not None:
             await self._runner.cleanup()
+        # The push in hand is finished and acked, not delivered again after the restart.
+        if self._tasks:
+            await self.delivery.finish(self._tasks[0], self.delivery.timeout_s + 1.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

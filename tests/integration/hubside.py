@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,9 +32,10 @@ from tests.integration.harness import ROOT, free_port, wait_until
 
 class LegacyHub:
     def __init__(self, workdir: Path, port: int | None = None, refuse: str = "",
-                 unavailable: int = 0):
+                 unavailable: int = 0, delay_s: float = 0.0):
         self.port = port or free_port()
         self.unavailable = unavailable
+        self.delay_s = delay_s
         self.out = workdir / f"legacy-hub-{self.port}.jsonl"
         self.log_path = workdir / f"legacy-hub-{self.port}.log"
         self.refuse = refuse
@@ -46,6 +48,8 @@ class LegacyHub:
             args += ["--refuse", self.refuse]
         if self.unavailable:
             args += ["--unavailable", str(self.unavailable)]
+        if self.delay_s:
+            args += ["--delay", str(self.delay_s)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: self._listening() or self.proc.poll() is not None, 10,
@@ -163,7 +167,7 @@ class Receiver:
 
 # --- the stand-in legacy hub, as a child process ------------------------------------------
 
-def _serve(port: int, out: Path, refuse: str, unavailable: int) -> None:
+def _serve(port: int, out: Path, refuse: str, unavailable: int, delay_s: float) -> None:
     sink = open(out, "a", buffering=1)
     lock = threading.Lock()
     seen = [0]
@@ -190,6 +194,8 @@ def _serve(port: int, out: Path, refuse: str, unavailable: int) -> None:
                         "headers": {k: v for k, v in self.headers.items()},
                         "body": body.decode("latin-1"), "status": status}) + "\n")
             answer = json.dumps({"status": status}).encode()
+            if delay_s and self.path != "/__ping":
+                time.sleep(delay_s)  # a slow hub: it has the push, its answer comes later
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))
@@ -213,5 +219,6 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--refuse", default="")
     ap.add_argument("--unavailable", type=int, default=0)
+    ap.add_argument("--delay", type=float, default=0.0)
     a = ap.parse_args()
-    _serve(a.port, a.out, a.refuse, a.unavailable)
+    _serve(a.port, a.out, a.refuse, a.unavailable, a.delay)

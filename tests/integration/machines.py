@@ -264,3 +264,45 @@ def add_hosts(machine: Machine, folder: Path, names: dict[str, str]) -> None:
     lines = [f"{address} {name}" for name, address in names.items()]
     hosts.write_text(Path("/etc/hosts").read_text() + "\n".join(lines) + "\n")
     machine.run("mount", "--bind", str(hosts), "/etc/hosts")
+
+
+class PC:
+    """One PC for a test: a machine booted in `root/instance`, the shipped unit installed,
+    its host config `config` (project_root: its folder, python: ours) and `scripts`
+    (file name: text) written in its folder for the config's agents to run."""
+
+    def __init__(self, root: Path, instance: str, config: dict, scripts: dict[str, str]):
+        import yaml
+
+        self.dir = root / instance
+        self.dir.mkdir()
+        for name, text in scripts.items():
+            (self.dir / name).write_text(text)
+        self.log = self.dir / "supervisor.log"
+        self.unit = f"agentvisor@{instance}.service"
+        self.machine = booted(self.dir)
+        install_unit(self.machine, self.dir, self.log)
+        (self.dir / f"{instance}.yaml").write_text(yaml.safe_dump(
+            {"project_root": str(self.dir), "python": sys.executable, **config},
+            sort_keys=False))
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.machine.run(*args, check=check)
+
+    def start(self) -> None:
+        started = self.run("systemctl", "start", self.unit, check=False)
+        assert started.returncode == 0, f"{started.stderr}\n{self.log.read_text()[-3000:]}"
+
+    def agentvisor(self, *args: str) -> str:
+        return self.run(AGENTVISOR, *args).stdout
+
+    def status(self) -> dict:
+        # Exit 1 while degraded (a required agent down): the JSON is there all the same.
+        import json
+
+        return json.loads(self.run(AGENTVISOR, "status", "--json", check=False).stdout)
+
+    def stop(self) -> None:
+        """Stop the unit, then end the machine."""
+        self.run("systemctl", "stop", self.unit, check=False)
+        self.machine.shutdown()

@@ -385,3 +385,22 @@ def test_a_batch_whose_sender_gave_up_while_the_receiver_was_stopped_is_not_stor
     assert receiver.send([rec("A", 1), rec("A", 2)])[:2] == (200, {"stored": 2,
                                                                    "duplicates": 0})
     assert [s for _, _, s in delivered(legacy, 2)] == [1, 2]
+
+
+def test_a_stopped_receiver_finishes_the_push_in_hand_and_does_not_deliver_it_twice(
+        tmp_path):
+    """SIGTERM while the legacy hub holds a push (it answers after 1 s): the receiver
+    waits for that answer and acks it before exiting, so the restarted one goes on with
+    the next push instead of delivering that one again."""
+    legacy = LegacyHub(tmp_path, delay_s=1.0).start()
+    receiver = Receiver(tmp_path, legacy.port).start()
+    try:
+        assert receiver.send([rec("A", n) for n in range(1, 4)])[0] == 200
+        wait_until(lambda: legacy.received(), 10, "the legacy hub to hold the first push")
+        assert receiver.terminate() == 0
+        receiver.start()
+        got = delivered(legacy, 3)
+        assert [s for _, _, s in got] == [1, 2, 3], got
+    finally:
+        receiver.kill()
+        legacy.stop()

@@ -18,16 +18,12 @@ again.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.integration.harness import wait_until
-from tests.integration.machines import (
-    AGENTVISOR, add_hosts, booted, install_unit, link, skip_reason,
-)
+from tests.integration.machines import PC, add_hosts, link, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
@@ -74,36 +70,12 @@ while True:
 """
 
 
-class PC:
-    """One PC: a machine with the unit installed and its host config."""
-
-    def __init__(self, root: Path, instance: str, config: dict):
-        self.dir = root / instance
-        self.dir.mkdir()
-        (self.dir / "hub.py").write_text(HUB)
-        (self.dir / "reporter.py").write_text(REPORTER)
-        self.log = self.dir / "supervisor.log"
-        self.unit = f"agentvisor@{instance}.service"
-        self.machine = booted(self.dir)
-        install_unit(self.machine, self.dir, self.log)
-        (self.dir / f"{instance}.yaml").write_text(yaml.safe_dump(
-            {"project_root": str(self.dir), "python": sys.executable, **config},
-            sort_keys=False))
-
-    def run(self, *args: str, check: bool = True):
-        return self.machine.run(*args, check=check)
-
-    def start(self) -> None:
-        started = self.run("systemctl", "start", self.unit, check=False)
-        assert started.returncode == 0, f"{started.stderr}\n{self.log.read_text()[-3000:]}"
-
-    def agentvisor(self, *args: str) -> str:
-        return self.run(AGENTVISOR, *args).stdout
-
-
 def _hub(name: str, host: str, port: int) -> dict:
     return {"script_path": "hub.py", "port": port, "required": True,
             "env_vars": {"HUB_NAME": name, "HUB_HOST": host, "HUB_PORT": str(port)}}
+
+
+SCRIPTS = {"hub.py": HUB, "reporter.py": REPORTER}
 
 
 @pytest.fixture
@@ -113,7 +85,7 @@ def pcs(tmp_path):
         "host": "MainPC",
         "agent_groups": {"core_services": {"CentralHub": _hub("central", "0.0.0.0",
                                                               CENTRAL_PORT)}},
-    })
+    }, SCRIPTS)
     pc2 = None
     try:
         pc2 = PC(tmp_path, "pc2", {
@@ -131,7 +103,7 @@ def pcs(tmp_path):
                  "env_vars": {"OBS_HUB_URL": "http://${upstream:ObservabilityHub}/",
                               "RESULTS": str(results)}},
             ],
-        })
+        }, SCRIPTS)
         link(mainpc.machine, f"{MAINPC}/24", pc2.machine, f"{PC2}/24")
         add_hosts(pc2.machine, pc2.dir, {"mainpc": MAINPC})
         mainpc.start()
@@ -140,8 +112,7 @@ def pcs(tmp_path):
     finally:
         for pc in (pc2, mainpc):
             if pc is not None:
-                pc.run("systemctl", "stop", pc.unit, check=False)
-                pc.machine.shutdown()
+                pc.stop()
 
 
 def _calls(results: Path) -> list[dict]:

@@ -32,12 +32,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.integration.harness import wait_until
-from tests.integration.machines import (
-    AGENTVISOR, add_hosts, booted, install_unit, link, skip_reason,
-)
+from tests.integration.machines import PC, add_hosts, link, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
@@ -91,35 +88,14 @@ while True:
 """
 
 
-class PC:
-    """One PC: a machine with the unit installed and its host config."""
+class FleetPC(PC):
+    """A PC of this story: its agents' scripts, and what the test asks of it."""
 
     def __init__(self, root: Path, instance: str, config: dict):
-        self.dir = root / instance
-        self.dir.mkdir()
-        (self.dir / "hub.py").write_text(LEGACY_HUB)
-        (self.dir / "pusher.py").write_text(PUSHER)
-        self.log = self.dir / "supervisor.log"
-        self.unit = f"agentvisor@{instance}.service"
-        self.machine = booted(self.dir)
-        install_unit(self.machine, self.dir, self.log)
-        (self.dir / f"{instance}.yaml").write_text(yaml.safe_dump(
-            {"project_root": str(self.dir), "python": sys.executable, **config},
-            sort_keys=False))
-
-    def run(self, *args: str, check: bool = True):
-        return self.machine.run(*args, check=check)
-
-    def start(self) -> None:
-        started = self.run("systemctl", "start", self.unit, check=False)
-        assert started.returncode == 0, f"{started.stderr}\n{self.log.read_text()[-3000:]}"
-
-    def agentvisor(self, *args: str) -> str:
-        return self.run(AGENTVISOR, *args).stdout
-
-    def status(self) -> dict:
-        # Exit 1 while degraded (a required receiver stopped): the JSON is there all the same.
-        return json.loads(self.run(AGENTVISOR, "status", "--json", check=False).stdout)
+        # Agents' and agentvisor's own logs beside the test's files, for a failure's story.
+        logs = {"logs": {"dir": str(root / instance / "logs")}}
+        super().__init__(root, instance, {**config, **logs},
+                         {"hub.py": LEGACY_HUB, "pusher.py": PUSHER})
 
     def pid(self, name: str) -> int:
         return next(a["pid"] for a in self.status()["agents"] if a["name"] == name)
@@ -163,12 +139,12 @@ def _config(host: str, legacy_port: int, hub_host: str, pushers: list[str],
 
 @pytest.fixture
 def pcs(tmp_path):
-    mainpc = PC(tmp_path, "mainpc", _config(
+    mainpc = FleetPC(tmp_path, "mainpc", _config(
         "MainPC", CENTRAL_PORT, "0.0.0.0", ["MainPusher"], "central",
         tmp_path / "central.jsonl", "pc2", EDGE_PORT))
     pc2 = None
     try:
-        pc2 = PC(tmp_path, "pc2", _config(
+        pc2 = FleetPC(tmp_path, "pc2", _config(
             "PC2", EDGE_PORT, "0.0.0.0", ["EdgePusherA", "EdgePusherB"], "edge",
             tmp_path / "edge.jsonl", "mainpc", CENTRAL_PORT))
         link(mainpc.machine, f"{MAINPC}/24", pc2.machine, f"{PC2}/24")
@@ -180,8 +156,7 @@ def pcs(tmp_path):
     finally:
         for pc in (pc2, mainpc):
             if pc is not None:
-                pc.run("systemctl", "stop", pc.unit, check=False)
-                pc.machine.shutdown()
+                pc.stop()
 
 
 def _lines(path: Path) -> list[str]:
