@@ -203,3 +203,50 @@ def test_a_hub_host_runs_its_receiver_and_forwards_to_it(fleet, tmp_path):
         assert abs(sampled - time.time()) < 30
     finally:
         legacy.stop()
+
+
+def test_a_reload_restarts_only_what_a_change_concerns(fleet, tmp_path):
+    """Each of the sidecar's processes has its own settings: editing the hubs restarts
+    the data process alone, a hub receiver's peers the receiver alone, an agent's
+    environment that agent alone; the proxy and the other agents keep their pids."""
+    legacy = LegacyHub(tmp_path).start()
+    hub_port = free_port()
+    agents = {n: _pusher(fleet, tmp_path, n, 10) for n in ("Alpha", "Beta")}
+    config = _config(fleet, tmp_path, legacy, hub_port, agents)
+    config["hub"] = {"listen": f"127.0.0.1:{hub_port}",
+                     "deliver_to": f"127.0.0.1:{legacy.port}"}
+    fleet.write_config(config)
+    fleet.start()
+    try:
+        for name in ("Alpha", "Beta", "sidecar-hub"):
+            fleet.wait_state(name, "RUNNING")
+
+        def pids() -> dict[str, int]:
+            return {a["name"]: a["pid"] for a in fleet.status()["agents"]}
+
+        def reload(change) -> dict[str, int]:
+            before = pids()
+            change(config)
+            fleet.write_config(config)
+            out = fleet.cli("reload")
+            assert out.returncode == 0, out.stderr
+            for name in before:
+                fleet.wait_state(name, "RUNNING", timeout_s=30)
+            after = pids()
+            return {n for n in before if after[n] != before[n]}
+
+        # Another hub for the forwarder: the data process alone.
+        assert reload(lambda c: c["hubs"].append("127.0.0.1:1")) == {"sidecar-data"}
+        # The receiver's peers: the receiver alone.
+        assert reload(lambda c: c["hub"].update(peers=["127.0.0.1:2"])) == {"sidecar-hub"}
+        # The spools' sync interval: the data process and the receiver (both keep one).
+        assert reload(lambda c: c.__setitem__("spool", {"sync_interval_s": 0.5})) \
+            == {"sidecar-data", "sidecar-hub"}
+        # An agent's environment: that agent alone.
+        assert reload(lambda c: c["agent_groups"]["reporters"]["Beta"]["env_vars"]
+                      .update(MODE="new")) == {"Beta"}
+        # The upstream's timeouts: the proxy alone (agents keep the listener they have).
+        assert reload(lambda c: c["upstreams"]["ObservabilityHub"]
+                      .update(request_timeout_s=3)) == {"sidecar"}
+    finally:
+        legacy.stop()
