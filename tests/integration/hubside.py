@@ -69,7 +69,11 @@ class LegacyHub:
     def received(self) -> list[dict]:
         if not self.out.exists():
             return []
-        return [json.loads(line) for line in self.out.read_text().splitlines()
+        # The hub process may be half-way through writing its last line: only whole
+        # lines (ended by a newline) are read.
+        text = self.out.read_text()
+        whole = text[:text.rfind("\n") + 1]
+        return [json.loads(line) for line in whole.splitlines()
                 if line.strip() and '"__ping"' not in line]
 
     def pushes(self) -> list[tuple[str, str, int]]:

@@ -3,6 +3,7 @@ malformed is a WireError naming the frame, never another exception, a misread re
 a large allocation."""
 
 import json
+import re
 import struct
 import tracemalloc
 
@@ -211,3 +212,137 @@ def test_a_changed_byte_is_refused_or_reads_as_well_formed_records(records, data
     # Whatever still parses passed every check a receiver relies on.
     for r in decoded:
         assert r.seq >= 1 and r.path.startswith("/") and "\n" not in r.content_type
+
+
+# --- a header that repeats a known head is read without JSON, as JSON would read it ------
+
+HEAD = (b'{"host":"PC2","agent":"EdgeAgent","method":"POST","path":"/m",'
+        b'"content_type":"application/json",')
+
+
+def framed(header: bytes, body: bytes = b"x") -> bytes:
+    return struct.pack(">I", len(header)) + header + struct.pack(">I", len(body)) + body
+
+
+def decode_in_full(data: bytes) -> list[Record] | str:
+    """decode() with no head known and none learnt: every header parsed as JSON."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(wire, "_HEADS", {})
+        m.setattr(wire, "_ENCODED", re.compile(rb"(?!)"))
+        try:
+            return wire.decode(data)
+        except wire.WireError as exc:
+            return exc.reason
+
+
+def outcome(data: bytes) -> list[Record] | str:
+    try:
+        return wire.decode(data)
+    except wire.WireError as exc:
+        return exc.reason
+
+
+def test_encode_writes_headers_decode_reads_without_json(monkeypatch):
+    monkeypatch.setattr(wire, "_HEADS", {})
+    records = [record(seq=n, time=1_732_990_000.25 + n / 7) for n in range(1, 6)]
+    data = wire.encode(records)
+    assert wire.decode(data) == records  # the first frame is parsed and teaches its head
+    assert len(wire._HEADS) == 1
+    parsed = []
+    monkeypatch.setattr(wire, "_json", lambda *a: parsed.append(a))
+    assert wire.decode(data) == records and parsed == []  # now none is parsed
+
+
+_digits = st.integers(0, 1 << 70).map(str)
+_json_numbers = st.one_of(
+    _digits, st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: f"{f:.17g}"),
+    st.builds(lambda i, f, e: f"{i}.{f}e{e}", _digits, _digits,
+              st.integers(-400, 400)))
+_tails = st.one_of(_json_numbers, st.sampled_from([
+    "0", "00", "01", "-0", "-0.0", "1.", ".5", "1e400", "1" + "0" * 400, "1E5", "1e+5",
+    "NaN", "Infinity", "-Infinity", "true", '"7"', " 7", "7 ", "1_0", "0x10", "[]",
+    str(wire.MAX_SEQ), str(wire.MAX_SEQ + 1), "9" * 19, "9" * 20]))
+
+
+@given(seq=_tails, time=_tails, closing=st.sampled_from([b"}", b" }", b"}}", b""]))
+@settings(max_examples=1000, deadline=None)
+def test_a_known_head_with_any_tail_reads_as_json_reads_it(seq, time, closing):
+    header = HEAD + b'"seq":%s,"time":%s%s' % (seq.encode(), time.encode(), closing)
+    first = framed(HEAD + b'"seq":1,"time":2.5}')
+    expected = decode_in_full(first + framed(header))
+    alone = decode_in_full(framed(header))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(wire, "_HEADS", {})
+        assert outcome(first + framed(header)) == expected  # learnt from the first frame
+        assert outcome(first + framed(header)) == expected  # known from the start
+        assert outcome(framed(header)) == alone
+
+
+@pytest.mark.parametrize("header", [
+    # "seq": inside a key, after an escaped quote, not a comma: no head
+    b'{"host":"PC2","agent":"EdgeAgent","method":"POST","path":"/m",'
+    b'"content_type":"","x\\"seq":2,"time":3}',
+    # no comma before "seq": (a space): parsed in full, never learnt
+    b'{"host":"PC2","agent":"EdgeAgent","method":"POST","path":"/m",'
+    b'"content_type":"", "seq":2,"time":3}',
+    # the head's own fields are bad: refused, never learnt
+    b'{"host":"PC2","agent":"EdgeAgent","method":"POST","path":"m",'
+    b'"content_type":"","seq":2,"time":3}',
+    # a head that is not an object's beginning
+    b'["host","seq":2,"time":3}',
+    b'{"host":"PC2",,"seq":2,"time":3}',
+])
+def test_odd_heads_are_parsed_in_full_every_time(monkeypatch, header):
+    monkeypatch.setattr(wire, "_HEADS", {})
+    expected = decode_in_full(framed(header))
+    parsed = []
+    parse = wire._json
+    monkeypatch.setattr(wire, "_json", lambda *a: parsed.append(a) or parse(*a))
+    for n in range(1, 3):
+        assert outcome(framed(header)) == expected
+        assert len(parsed) == n
+    assert not wire._HEADS
+
+
+@pytest.mark.parametrize("head", [
+    HEAD,
+    b' {\n "trace": {"a": [1, 2.5, null, "x,\\"seq\\":"]},' + HEAD[1:],  # more keys, spaces
+    HEAD + b'"seq":99,"time":1e3,',  # an earlier seq and time: the last one wins
+    HEAD + b'"path":"/other?a=%22seq%22",',  # an earlier path: the last one wins
+    b'{"host":"PC\\u0032","agent":"Edge\\/Agent","method":"PUT","path":"/",'
+    b'"content_type":"",',  # escapes, read as json reads them
+])
+def test_any_head_json_reads_is_learnt_and_read_as_json_reads_it(monkeypatch, head):
+    headers = [head + b'"seq":%d,"time":%s}' % (n, t)
+               for n, t in ((1, b"2.5"), (2, b"3"), (7, b"1764530000.1234567"))]
+    data = b"".join(map(framed, headers))
+    expected = decode_in_full(data)
+    assert not isinstance(expected, str) and len(expected) == 3
+    monkeypatch.setattr(wire, "_HEADS", {})
+    assert wire.decode(data) == expected and list(wire._HEADS) == [head]
+    assert wire.decode(data) == expected
+
+
+def test_an_integer_time_past_float_is_a_wire_error(monkeypatch):
+    header = HEAD + b'"seq":1,"time":1' + b"0" * 400 + b"}"
+    for heads in ({}, {HEAD: ("PC2", "EdgeAgent", "POST", "/m", "application/json")}):
+        monkeypatch.setattr(wire, "_HEADS", heads)
+        with pytest.raises(wire.WireError, match="frame 0: time must be unix seconds"):
+            wire.decode(framed(header))
+
+
+def test_known_heads_are_bounded(monkeypatch):
+    monkeypatch.setattr(wire, "_HEADS", {})
+    monkeypatch.setattr(wire, "MAX_HEADS", 8)
+    for n in range(20):
+        wire.decode(wire.encode([record(agent=f"Agent{n}")]))
+        assert 1 <= len(wire._HEADS) <= 8
+
+
+def test_any_bytes_like_batch_is_read(monkeypatch):
+    data = wire.encode([record(seq=1), record(seq=2)])
+    for form in (bytearray(data), memoryview(data)):
+        monkeypatch.setattr(wire, "_HEADS", {})
+        assert wire.decode(form) == wire.decode(data)
+        assert all(type(r.body) is bytes for r in wire.decode(form))

@@ -13,6 +13,7 @@ import random
 import shutil
 import sqlite3
 import struct
+from dataclasses import FrozenInstanceError, astuple, replace
 
 import pytest
 
@@ -164,6 +165,40 @@ def test_append_records_keeps_what_the_sender_gave_under_new_ids(tmp_path):
     with spool_at(tmp_path) as s:  # the hub's high-water marks survive acks and reopen
         assert s.high_water("PC2", "CacheManager") == 42
         assert s.high_water("PC2", "TutorAgent") == 0
+
+
+@pytest.mark.parametrize("count", [1, 49, 50, 51, 100, 2000 + 37])
+def test_batches_of_any_size_read_back_and_reopen_intact(tmp_path, count):
+    # Commits insert _ROWS_PER_INSERT records per statement and the rest in one more.
+    sent = [Record(0, "PC2", f"Agent{n % 7}", 100 + n // 7, 1700000000.5 + n, "POST",
+                   f"/m?{n % 3}", "" if n % 5 else "text/plain", b"%d" % n)
+            for n in range(count)]
+    with spool_at(tmp_path) as s:
+        mine = s.append([push(f"Agent{n % 3}", b"%d" % n) for n in range(count)])
+        stored = s.append_records(sent)
+        assert all_records(s) == mine + stored
+        assert [r.id for r in stored] == list(range(count + 1, 2 * count + 1))
+        assert s.stats().records == 2 * count
+        assert s.stats().bytes == sum(record_size(r.host, r.agent, r.method, r.path,
+                                                  r.content_type, r.body)
+                                      for r in mine + stored)
+    with spool_at(tmp_path) as s:  # opening verifies every row's checksum
+        assert s.recovered is None
+        assert all_records(s) == mine + stored
+        assert s.high_water("PC2", "Agent0") == max(r.seq for r in sent
+                                                    if r.agent == "Agent0")
+
+
+def test_records_read_back_are_ordinary_frozen_records(tmp_path):
+    with spool_at(tmp_path) as s:
+        (r,) = s.append([push()])
+        (again,) = s.pending()
+        for record in (r, again):
+            assert type(record) is Record and record == Record(*astuple(record))
+            assert hash(record) == hash(Record(*astuple(record)))
+            with pytest.raises(FrozenInstanceError):
+                record.seq = 5  # type: ignore[misc]
+            assert replace(record, id=9).id == 9
 
 
 def test_an_empty_batch_stores_nothing(tmp_path):
