@@ -26,6 +26,13 @@ def address(text: str) -> tuple[str, int]:
     return parsed
 
 
+def show(where: tuple[str, int]) -> str:
+    """An address as `address()` reads it back and logs and status show it: `host:port`,
+    `[v6]:port`."""
+    host, port = where[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def number(kind: Callable[[str], N], *, zero_ok: bool) -> Callable[[str], N]:
     """A finite number for argparse: above 0, or from 0 when zero_ok."""
     def parse(text: str) -> N:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import httptools
 
+from sidecar.args import show
 from sidecar.hub import wire
 from sidecar.policy.hubs import DEFAULT_RETRY_S, HubChoice
 from sidecar.spool import Record, Spool
@@ -83,7 +84,7 @@ class Answer:
 
 def hub_name(host: str, port: int) -> str:
     """How status and logs name a hub: `host:port`, `[v6]:port`."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return show((host, port))
 
 
 def _retry_after(value: bytes) -> float | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from sidecar.args import show
 from sidecar.config import Deliver, SidecarSettings, UpstreamPolicy
 from sidecar.proxy import nftables
 from supervisor import process
@@ -191,7 +192,7 @@ class Traffic:
             host, port = self.address(key)
         else:
             host, port = config.upstreams[name].endpoints[0]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return show((host, port))
 
     def check_spawn(self, spec: AgentSpec) -> None:
         """SpawnError if the agent's traffic cannot be intercepted as configured."""
@@ -348,8 +349,7 @@ class Traffic:
                 "--sync-interval", f"{config.data.sync_interval_s:g}",
                 "--reads-to", self.upstream_address(config, metrics.name)]
         for hub_host, hub_port in config.data.hubs:
-            argv += ["--hub", f"[{hub_host}]:{hub_port}" if ":" in hub_host
-                     else f"{hub_host}:{hub_port}"]
+            argv += ["--hub", show((hub_host, hub_port))]
         return AgentSpec(
             name=DATA, group="agentvisor", location="sidecar-data", argv=tuple(argv),
             cwd=self.runtime_dir, script_path=None, required=True,
@@ -369,15 +369,12 @@ class Traffic:
         sock = self.sockets["hub"]
         host, port = self.address("hub")
         probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-        deliver_host, deliver_port = hub.deliver_to
         argv = (sys.executable, "-m", "sidecar.hub", "--fds", f"listen={sock.fileno()}",
                 "--state-dir", str(config.state_dir),
-                "--deliver-to", f"[{deliver_host}]:{deliver_port}" if ":" in deliver_host
-                else f"{deliver_host}:{deliver_port}",
+                "--deliver-to", show(hub.deliver_to),
                 "--name", config.host,
                 "--sync-interval", f"{config.data.sync_interval_s:g}",
-                *(arg for h, p in hub.peers or () for arg in
-                  ("--peer", f"[{h}]:{p}" if ":" in h else f"{h}:{p}")))
+                *(arg for peer in hub.peers or () for arg in ("--peer", show(peer))))
         return AgentSpec(
             name=HUB, group="agentvisor", location="hub", argv=argv, cwd=self.runtime_dir,
             script_path=None, required=True,

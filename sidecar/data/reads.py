@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from sidecar.args import show
+
 if TYPE_CHECKING:
     from sidecar.data.ingest import IngestConnection
 
@@ -340,8 +342,7 @@ class ReadRelay:
         self._loop = loop or asyncio.get_running_loop()
         self._idle: list[ProxyConnection] = []
         self._tasks: set[asyncio.Task] = set()
-        host, port = where
-        self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.name = show(where)
         self.failing: str | None = None  # why reads are failing now; None: they are not
         self.relayed = 0  # answers of the proxy relayed to agents
         self.failed = 0  # reads answered 502: the proxy unreachable or its answer unusable

@@ -33,12 +33,13 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Final, Mapping, Sequence
 
 import aiohttp
 
 from sidecar import samples
+from sidecar.args import show
 
 log = logging.getLogger("agentvisor.hub.peers")
 
@@ -176,7 +177,7 @@ class Sending:
     failed: int = 0
     last_ok: float | None = None
     last_error: str = ""
-    said: bool = field(default=False)  # the current failure was logged
+    said: bool = False  # the current failure was logged
 
 
 class Peers:
@@ -193,7 +194,7 @@ class Peers:
         self.silent_after_s = silent_after_s
         self.clock = clock
         self.heard: dict[str, Heard] = {}
-        self.sending = {_show(a): Sending() for a in self.addresses}
+        self.sending = {show(a): Sending() for a in self.addresses}
         self.refused = 0  # reports refused (malformed, or our own name)
         self._marks: dict[Key, int] = {}  # the highest mark any peer reported
 
@@ -249,7 +250,7 @@ class Peers:
 
     async def _send(self, session: aiohttp.ClientSession, address: tuple[str, int],
                     body: bytes) -> None:
-        shown = _show(address)
+        shown = show(address)
         state = self.sending[shown]
         try:
             async with session.post(f"http://{shown}{PATH}", data=body,
@@ -313,11 +314,6 @@ class Peers:
             entry["state"] = "live" if live else "silent"
             entry["partitioned"] = not live
         return dict(sorted(out.items()))
-
-
-def _show(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _describe(exc: BaseException) -> str:

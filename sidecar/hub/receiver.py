@@ -50,6 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import samples
+from sidecar.args import show
 from sidecar.hub import wire
 from sidecar.hub.delivery import DEFAULT_TIMEOUT_S, Delivery
 from sidecar.hub.peers import PATH as peers_path
@@ -627,5 +628,4 @@ def _answer(status: int, payload: dict, headers: dict | None = None) -> web.Resp
 
 
 def _address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return show(sock.getsockname())
