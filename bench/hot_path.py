@@ -3,6 +3,8 @@
 What runs (all on 127.0.0.1, every process started here and stopped here):
   upstream      nginx, one worker, `return 200 "ok\\n"` with keep-alive: it must be much
                 faster than any proxy in front of it, so that what we see is the proxy.
+                (--varied: a different body every time, `$request_id`, so that no
+                answer repeats the previous one byte for byte.)
   sidecar       `python -m sidecar.main` with two upstreams to nginx: one L4 (TCP relay),
                 one L7 (HTTP/1.1 proxy), exactly as an agent's host config declares them.
   HAProxy       the peer: `nbthread 1` (one core, like the sidecar's one event loop), a
@@ -180,6 +182,12 @@ def get(port: int, path: str = "/") -> tuple[int, bytes] | None:
         return None
 
 
+def answers(port: int) -> bool:
+    """nginx's answer comes back through `port`: a 200 whose body is a line."""
+    got = get(port)
+    return got is not None and got[0] == 200 and got[1].endswith(b"\n")
+
+
 def wait_until(what: str, ok, children: list[Child]) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not ok():
@@ -190,8 +198,11 @@ def wait_until(what: str, ok, children: list[Child]) -> None:
         time.sleep(0.05)
 
 
-def start_nginx(folder: Path, port: int) -> Child:
+def start_nginx(folder: Path, port: int, varied: bool = False) -> Child:
+    """nginx answering "ok\\n", or with varied a request id (32 hex digits) that no
+    other answer repeats."""
     folder.mkdir()
+    body = "$request_id\\n" if varied else "ok\\n"
     # Temp paths too: Debian's compiled-in ones are under /var/lib/nginx.
     temp = " ".join(f"{k}_temp_path {folder}/{k};"
                     for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -207,7 +218,7 @@ http {{
     keepalive_requests 100000000;
     server {{
         listen 127.0.0.1:{port};
-        location / {{ return 200 "ok\\n"; }}
+        location / {{ return 200 "{body}"; }}
     }}
 }}
 """)
@@ -695,6 +706,9 @@ def main() -> int:
                     help="folder for hot_path.json and hot_path.png")
     ap.add_argument("--bare-request", action="store_true",
                     help="wrk's own GET (Host alone) instead of python-requests' fields")
+    ap.add_argument("--varied", action="store_true",
+                    help="nginx answers every request with a different body (a request "
+                         "id), so no answer repeats the one before it byte for byte")
     args = ap.parse_args()
     global REQUEST_FIELDS
     REQUEST_FIELDS = () if args.bare_request else AGENT_FIELDS
@@ -719,9 +733,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="hot_path.") as tmp:
             folder = Path(tmp)
             nginx_port = free_port()
-            nginx = start_nginx(folder / "nginx", nginx_port)
+            nginx = start_nginx(folder / "nginx", nginx_port, args.varied)
             children.append(nginx)
-            wait_until("nginx", lambda: get(nginx_port) == (200, b"ok\n"), children)
+            wait_until("nginx", lambda: answers(nginx_port), children)
             ports = {"direct": nginx_port}
             owner = {"direct": nginx}
             if {"haproxy-tcp", "haproxy-http"} & set(names):
@@ -748,7 +762,7 @@ def main() -> int:
                 owner[FLOOR] = floor
             targets = [Target(n, ports[n], owner[n]) for n in names]
             for t in targets:  # every path answers nginx's body before we time it
-                wait_until(t.name, lambda t=t: get(t.port) == (200, b"ok\n"), children)
+                wait_until(t.name, lambda t=t: answers(t.port), children)
             print(f"{len(names)} targets, {plan['rounds']} rounds x {plan['duration_s']} s "
                   f"x {len(CONNS)} connection counts, interleaved", file=sys.stderr)
             runs, set_aside = measure(targets, Others(children), plan,
@@ -763,7 +777,8 @@ def main() -> int:
     chead, crows = comparison_rows(comparisons)
     note = (f"median of {plan['rounds']} interleaved rounds x {plan['duration_s']} s; "
             f"sidecar hot path {info['sidecar_hot_path']}; wrk -t1, per-request latency, "
-            f"{'a bare GET' if args.bare_request else 'GETs with python-requests fields'}; "
+            f"{'a bare GET' if args.bare_request else 'GETs with python-requests fields'}"
+            f"{', every answer different' if args.varied else ''}; "
             f"saturation = {SATURATION_CONNS} connections; "
             f"added = paired difference to direct in the same round")
     foreign = [r["foreign_cpu_cores"] for r in runs]
@@ -781,7 +796,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "machine": info,
-        "plan": {**plan, "request_fields": list(REQUEST_FIELDS),
+        "plan": {**plan, "request_fields": list(REQUEST_FIELDS), "varied": args.varied,
                  "connections": list(CONNS), "saturation_connections":
                  SATURATION_CONNS, "targets": names, "quick": args.quick,
                  "elapsed_s": round(time.monotonic() - t_start, 1)},

@@ -36,7 +36,8 @@ class UpstreamState:
 
     __slots__ = ("policy", "stats", "failure_statuses", "request_timeout_s", "pools", "host_lines", "last_good", "rejection",
                  "static", "timed_out", "connect_timed_out", "bad_gateway", "malformed",
-                 "framings", "last_head", "last_known", "request_shapes", "request_heads",
+                 "framings", "last_head", "last_known", "last_answer", "last_answer_status",
+                 "request_shapes", "request_heads",
                  "whole_heads",
                  "pool_size", "held")
 
@@ -61,6 +62,11 @@ class UpstreamState:
         # a miss costs a failed compare, never a dict (measured: bench/l7_instructions).
         self.last_head = b""
         self.last_known: int | list[tuple[bytes, bytes]] = 0
+        # And the last whole answer that went to its agent as it came (head and
+        # Content-Length body in one read), with its status: the same bytes again are
+        # not parsed again (see `UpstreamConnection._repeated`).
+        self.last_answer = b""
+        self.last_answer_status = 0
         # The same for requests' fields: see `request_known`; and by the fields
         # themselves, for requests without a body (see `HttpProxy.on_headers_complete`).
         self.request_shapes: dict[bytes, RequestShape] = {}
