@@ -525,7 +525,7 @@ def floor_lines(medians: dict) -> list[str]:
     lines = [
         f"{FLOOR} (uvloop + httptools, no policy): {cpu[FLOOR]:.1f} us CPU per request, "
         f"{rps[FLOOR] / rps[peer]:.1%} of {peer}'s throughput; {peer}: {cpu[peer]:.1f} us.",
-        f"{FLOORED} over {FLOOR}: +{cpu[FLOORED] - cpu[FLOOR]:.1f} us CPU per request for "
+        f"{FLOORED} over {FLOOR}: {cpu[FLOORED] - cpu[FLOOR]:+.1f} us CPU per request for "
         f"its own work (timeouts, breaker, retry budget, metrics, pooling, Host and "
         f"hop-by-hop rewriting); {rps[FLOORED] / rps[FLOOR]:.1%} of {FLOOR}'s throughput.",
     ]

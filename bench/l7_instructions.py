@@ -322,9 +322,9 @@ def main() -> int:
     else:
         print("live: skipped (needs nginx: apt-get install nginx-light)", file=sys.stderr)
     print(f"\nhot path {'compiled' if sidecar.compiled() else 'interpreted'}")
-    print(f"{'case':8s} {'instructions/request':>21s}")
+    print(f"{'case':11s} {'instructions/request':>21s}")
     for case, r in rows.items():
-        print(f"{case:8s} {r['instructions_per_request']:21,d}")
+        print(f"{case:11s} {r['instructions_per_request']:21,d}")
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -134,14 +134,19 @@ def test_a_repeat_taken_without_parsing_is_what_parsing_it_gives(steps, fallback
     assert run(steps, fallback, parse_all=False) == run(steps, fallback, parse_all=True)
 
 
-def test_polling_the_same_bytes_forwards_and_answers_every_request():
-    # The shortcut in use: after the first exchange every read is a repeat on both
-    # sides, and each one is still one request upstream, one answer, one outcome.
+def first_poll():
+    """An agent connection that has sent GET_A, and the upstream connection it opened."""
     rig = Rig()
     proxy, agent = rig.agent()
     proxy.data_received(GET_A)
     connect = rig.loop.connects[0]
-    up = connect.accept()
+    return rig, proxy, agent, connect, connect.accept()
+
+
+def test_polling_the_same_bytes_forwards_and_answers_every_request():
+    # The shortcut in use: after the first exchange every read is a repeat on both
+    # sides, and each one is still one request upstream, one answer, one outcome.
+    rig, proxy, agent, connect, up = first_poll()
     for _ in range(50):
         assert up.take().startswith(b"GET /registry/agents HTTP/1.1\r\n")
         connect.respond(OK)
@@ -152,11 +157,7 @@ def test_polling_the_same_bytes_forwards_and_answers_every_request():
 
 
 def test_a_body_that_spells_the_last_request_is_a_body():
-    rig = Rig()
-    proxy, agent = rig.agent()
-    proxy.data_received(GET_A)
-    connect = rig.loop.connects[0]
-    up = connect.accept()
+    rig, proxy, agent, connect, up = first_poll()
     up.take()
     connect.respond(OK)
     proxy.data_received(b"POST /push HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
@@ -172,14 +173,10 @@ def test_a_body_that_spells_the_last_request_is_a_body():
 
 def test_a_failing_answer_repeated_still_opens_the_breaker():
     # The same 503 bytes every time: each is charged to the upstream, as parsed ones are.
-    rig = Rig()
-    proxy, agent = rig.agent()
-    connect = None
-    for _ in range(5):
-        proxy.data_received(GET_A)
-        if connect is None:
-            connect = rig.loop.connects[0]
-            up = connect.accept()
+    rig, proxy, agent, connect, up = first_poll()
+    for i in range(5):
+        if i:
+            proxy.data_received(GET_A)
         up.take()
         connect.respond(FAIL)
         assert agent.take() == FAIL
@@ -190,11 +187,7 @@ def test_a_failing_answer_repeated_still_opens_the_breaker():
 
 
 def test_an_answer_repeated_unasked_is_never_handed_to_anyone():
-    rig = Rig()
-    proxy, agent = rig.agent()
-    proxy.data_received(GET_A)
-    connect = rig.loop.connects[0]
-    up = connect.accept()
+    rig, proxy, agent, connect, up = first_poll()
     up.take()
     connect.respond(OK)
     assert agent.take() == OK
