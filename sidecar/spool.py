@@ -19,8 +19,16 @@ Storage is SQLite in WAL mode (standard library):
 - Every row carries a CRC-32 of all its fields (SQLite pages carry no checksum, so bytes
   overwritten inside a record would otherwise read back as a different push). Opening
   verifies every row, `pending` again what it hands out. Measured here: opening takes
-  0.25-0.5 s with 15 minutes of the fleet's pushes waiting (69,300 records), 7-8 s with a
-  full 512 MiB spool (1.3 million); an empty or drained spool opens at once.
+  0.25-0.5 s with 15 minutes of the fleet's pushes waiting (69,300 records), 5-8 s with a
+  full 512 MiB spool (1.3 million); an empty or drained spool opens at once. A big
+  spool closed cleanly opens in about 0.6 s instead: `close` leaves a mark with the
+  running totals (as Kafka's clean-shutdown file does), and an open that finds one for
+  more than TRUST_CLEAN_CLOSE_RECORDS records takes them instead of the rows' scan. It
+  keeps SQLite's quick_check and removes the mark before anything else is written, so
+  a crash from then on means a full scan again. The rows it trusted are then checked
+  by its owner, a slice at a time between its other work (`verify_some`), and damage
+  found there raises SpoolCorrupt like `pending`'s: reopening recovers. A spool that
+  met a checksum or SQLite error is never marked.
 - Per-(host, agent) sequences: the next one is max(seq still stored) + 1, or the floor in
   the `sequences` table if higher. `ack` writes the floors, in the transaction that
   deletes the records, so a sequence is never reused; on the hub side the same numbers
@@ -74,6 +82,9 @@ DRAIN_WINDOW_S = 30.0  # acks this recent estimate the drain rate for Retry-Afte
 RETRY_AFTER_DEFAULT_S = 1.0  # nothing drained lately (partitioned): ask again soon
 RETRY_AFTER_MAX_S = 60.0  # beyond a minute the estimate means little; clients back off
 SEQ_RESERVE = 1024  # sequences reserved ahead per agent: the gap a corrupt file can leave
+# Above this many records, an open after a clean close trusts the totals it left and
+# checks the rows later (verify_some); below it, scanning them at open costs under 0.4 s.
+TRUST_CLEAN_CLOSE_RECORDS = 100_000
 _SALVAGE_CHUNK = 1000  # rows per insert while copying a corrupt file's readable rows
 
 _CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -473,6 +484,23 @@ def _scan(conn: sqlite3.Connection) -> _State:
     return state
 
 
+def _clean_state(conn: sqlite3.Connection) -> _State | None:
+    """What the last clean close left (see Spool.close), or None: scan the rows."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'clean_close'").fetchone()
+    if row is None or type(row[0]) is not str:
+        return None
+    try:
+        records, size, next_id = map(int, row[0].split())
+    except ValueError:
+        return None
+    if records <= TRUST_CLEAN_CLOSE_RECORDS:
+        return None  # scanning them is cheap: the damage is found at open
+    floors = _sequence_floors(conn)
+    return _State(records=records, bytes=size, next_id=next_id,
+                  next_seq={key: exact for key, (exact, _reserved) in floors.items()},
+                  floors=floors)
+
+
 def _sequence_floors(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, int]]:
     """(host, agent) -> (next_seq, reserved) as the sequences table holds them."""
     return {(h, a): (n, r) for h, a, n, r in conn.execute(
@@ -626,6 +654,12 @@ class Spool:
         self.damaged = False
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        # No checksum or SQLite error met since open: close may leave its clean mark.
+        self._trusted = False
+        # Rows an open after a clean close trusted and verify_some has not read yet:
+        # those with _checked_after < id <= _unchecked_through.
+        self._checked_after = 0
+        self._unchecked_through = 0
         try:
             self._lock_fd = self._take_lock()
             self._open()
@@ -638,6 +672,7 @@ class Spool:
             self.close()
             raise
         self._appended_total = self._acked_total = self._refused_total = 0
+        self._trusted = True
         self._drain = DrainRate()
         self._unsynced = False
         self._synced_wal_inode: int | None = None
@@ -740,7 +775,10 @@ class Spool:
             conn = _connect(self.path, read_only=True)
             try:
                 empty = _check(conn, self.path)
-                state = _State() if empty else _scan(conn)
+                clean = None if empty else _clean_state(conn)
+                state = _State() if empty else clean or _scan(conn)
+                # Rows up to here are the ones a trusted open has not read yet.
+                self._unchecked_through = state.next_id - 1 if clean else 0
             finally:
                 conn.close()
             if wal_damaged:
@@ -753,6 +791,10 @@ class Spool:
                                                   else "NORMAL"))
             if empty:
                 _create_schema(conn)
+            else:
+                # Taken or not, the mark is gone: from now on the totals live here, and
+                # an open after a crash must read every row again.
+                conn.execute("DELETE FROM meta WHERE key = 'clean_close'")
             # Start the log afresh: a tail just reported is not reported again.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return conn, state
@@ -770,9 +812,25 @@ class Spool:
             raise
 
     def close(self) -> None:
-        """Close the file (SQLite checkpoints it) and give up ownership. Idempotent."""
+        """Close the file (SQLite checkpoints it) and give up ownership. Idempotent.
+
+        A spool that met no checksum or SQLite error leaves the running totals and
+        every agent's next sequence in the file as it closes: the next open trusts
+        them instead of reading every row (see the module docstring)."""
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            if self._trusted:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.executemany(_SAVE_SEQ, [(h, a, n) for (h, a), n
+                                                 in self._next_seq.items()])
+                    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES "
+                                 "('clean_close', ?)",
+                                 (f"{self._records} {self._bytes} {self._next_id}",))
+                    conn.execute("COMMIT")
+                except sqlite3.Error:
+                    if conn.in_transaction:  # no mark: the next open scans every row
+                        conn.rollback()
             conn.close()
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
@@ -893,6 +951,7 @@ class Spool:
                 db.executemany(_RESERVE_SEQ, reserve)
             db.execute("COMMIT")
         except sqlite3.Error as e:
+            self._trusted = False
             if db.in_transaction:
                 db.rollback()
             if _sqlite_code(e) == _FULL_CODE:
@@ -926,6 +985,40 @@ class Spool:
 
     # --- draining
 
+    @property
+    def verifying(self) -> bool:
+        """Whether rows an open after a clean close trusted are still unread."""
+        return self._checked_after < self._unchecked_through
+
+    def verify_some(self, limit: int = 2000) -> bool:
+        """Check up to `limit` more of the rows an open after a clean close trusted
+        (the owner calls this between its other work until it says True: all read).
+        Raises SpoolCorrupt, and leaves no clean mark, at a row that fails its checksum
+        or that SQLite cannot read: reopen the spool to recover the intact records."""
+        if not self.verifying:
+            return True
+        try:
+            rows = self._db().execute(
+                f"SELECT {_COLUMNS} FROM records WHERE id > ? AND id <= ? ORDER BY id "
+                "LIMIT ?", (self._checked_after, self._unchecked_through, limit)).fetchall()
+        except sqlite3.Error as e:
+            self._trusted = False
+            if _is_corruption(e):
+                raise SpoolCorrupt(f"{self.path}: checking the records after id "
+                                   f"{self._checked_after} failed: {e}; close and reopen "
+                                   "the spool to recover the intact records") from None
+            raise SpoolError(f"{self.path}: cannot read records: {e}") from None
+        for row in rows:
+            if not _intact(row):
+                self._trusted = False
+                raise SpoolCorrupt(
+                    f"{self.path}: record id {row[0]!r} fails its checksum (the file was "
+                    "damaged on disk since it was last closed); close and reopen the "
+                    "spool to recover the intact records")
+        self._checked_after = (rows[-1][0] if len(rows) == limit
+                               else self._unchecked_through)
+        return not self.verifying
+
     def pending(self, *, limit: int = 1000, max_bytes: int = 1 << 20,
                 after_id: int = 0) -> list[Record]:
         """Records not yet acked with id > after_id, oldest first: at most `limit`, and
@@ -948,6 +1041,7 @@ class Spool:
                 except (TypeError, struct.error, UnicodeError):  # a field of a wrong type
                     intact = False
                 if not intact:
+                    self._trusted = False
                     raise SpoolCorrupt(
                         f"{self.path}: record id {row[0]!r} fails its checksum (the file "
                         "was damaged on disk); close and reopen the spool to recover the "
@@ -958,6 +1052,7 @@ class Spool:
                                 body))
                 total += size
         except sqlite3.Error as e:
+            self._trusted = False
             if _is_corruption(e):
                 raise SpoolCorrupt(
                     f"{self.path}: reading records after id {out[-1].id if out else after_id}"
@@ -988,6 +1083,7 @@ class Spool:
                        (last,))
             db.execute("COMMIT")
         except sqlite3.Error as e:
+            self._trusted = False
             if db.in_transaction:
                 db.rollback()
             raise SpoolError(f"{self.path}: cannot ack up to id {up_to_id}: {e}") from None

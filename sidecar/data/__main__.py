@@ -125,6 +125,8 @@ class DataProcess:
             await self._serve_status(status_sock)
         if self.forwarder is not None:
             self._tasks.append(asyncio.create_task(self._forward(), name="forwarder"))
+        if self.spool.verifying:
+            self._tasks.append(asyncio.create_task(self._verify_spool(), name="spool check"))
         if args.sync_interval > 0:  # 0: every commit is fsynced by the spool itself
             self._sync_timer = asyncio.get_running_loop().call_later(args.sync_interval,
                                                                      self._sync)
@@ -133,6 +135,29 @@ class DataProcess:
                  ", ".join(f"{h}:{p}" for h, p in hubs) if hubs else "none (spooling only)",
                  f"relayed to the proxy at {self.ingest.reads.name}"
                  if self.ingest.reads is not None else "answered 502 (no --reads-to)")
+
+    async def _verify_spool(self) -> None:
+        """Read back the rows an open after a clean close trusted, a slice per turn of
+        the loop (Spool.verify_some), so that ingest answers meanwhile."""
+        from sidecar.spool import SpoolCorrupt
+
+        try:
+            while not self.spool.verify_some():
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except SpoolCorrupt as exc:  # as in _forward: the next open recovers it
+            log.error("%s; stopping so that reopening the spool recovers it", exc)
+            self.exit_code = 1
+            self.stopping.set()
+            return
+        except Exception:
+            log.exception("checking the spool failed; stopping so that a restart "
+                          "checks it again")
+            self.exit_code = 1
+            self.stopping.set()
+            return
+        log.info("spool: every record from before the last clean stop reads back intact")
 
     async def _forward(self) -> None:
         from sidecar.spool import SpoolCorrupt

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.spool import Spool
+from sidecar import spool as spool_module
+from sidecar.spool import Push, Spool
 from tests.integration.harness import ROOT, free_port, wait_until
 from tests.integration.hubside import LegacyHub, Receiver
 
@@ -44,7 +45,7 @@ class DataProcess:
         self.extra = extra
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *extra: str) -> DataProcess:
+    def start(self, *extra: str, until_exit: bool = False) -> DataProcess:
         argv = [sys.executable, "-m", "sidecar.data", "--state-dir", str(self.state_dir),
                 "--host", HOST, "--status", f"127.0.0.1:{self.status_port}",
                 "--log-level", "debug", *self.extra, *extra]
@@ -52,6 +53,9 @@ class DataProcess:
             argv += ["--ingest", f"{agent}=127.0.0.1:{port}"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if until_exit:  # it is meant to stop by itself
+            wait_until(lambda: self.proc.poll() is not None, 30, "the data process to exit")
+            return self
         wait_until(lambda: self.ready() or self.proc.poll() is not None, 20,
                    "the data process to be ready")
         assert self.proc.poll() is None, self.log()
@@ -393,6 +397,33 @@ def test_corrupt_spool_is_reported_and_the_rest_kept(data):
     assert push(d.url("A"), b"fourth")[0] == 200  # and it serves on
     assert d.stop() == 0
     assert [r.body for r in d.records()] == [b"first", b"third", b"fourth"]
+
+
+def test_a_big_spool_damaged_after_a_clean_stop_is_found_after_start(data):
+    # Past TRUST_CLEAN_CLOSE_RECORDS an open after a clean stop takes the totals the
+    # close left and serves at once; the rows are read back behind it. Damage found
+    # there stops the process (the supervisor restarts it), and that next open, which
+    # reads every row, reports it and keeps the rest.
+    d = data()
+    d.state_dir.mkdir(parents=True, exist_ok=True)
+    n = spool_module.TRUST_CLEAN_CLOSE_RECORDS + 5_000
+    with Spool(d.state_dir / "metrics.db", host=HOST) as spool:
+        for start in range(0, n, 5_000):
+            spool.append([Push("A", "POST", "/api/metrics", "application/json",
+                               b'{"n": %08d}' % i) for i in range(start, start + 5_000)])
+    db = d.state_dir / "metrics.db"
+    raw = db.read_bytes()
+    victim = b'{"n": %08d}' % (n - 10)
+    assert raw.count(victim) == 1
+    db.write_bytes(raw.replace(victim, b'{"n": xxxxxxxx}'))
+    assert d.start(until_exit=True).proc.returncode == 1
+    assert f"record id {n - 9} fails its checksum" in d.log()
+    assert "stopping so that reopening the spool recovers it" in d.log()
+    d.start()
+    assert "lost 1 record(s) that failed their checksum" in d.status()["spool"]["recovered"]
+    assert push(d.url("A"), b"after")[0] == 200
+    assert d.stop() == 0
+    assert d.records()[-1].body == b"after" and len(d.records()) == n
 
 
 def test_pushes_reach_the_hub_once_it_answers(data, tmp_path):

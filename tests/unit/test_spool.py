@@ -13,15 +13,20 @@ import random
 import shutil
 import sqlite3
 import struct
+import subprocess
+import sys
 from dataclasses import FrozenInstanceError, astuple, replace
+from pathlib import Path
 
 import pytest
 
+from sidecar import spool as spool_module
 from sidecar.spool import (RECORD_OVERHEAD_BYTES, SEQ_RESERVE, DrainRate, Push, Record,
                            Spool, SpoolCorrupt, SpoolError, SpoolFull, SpoolLocked,
                            record_size, retry_after_s)
 
 HOST = "MainPC"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def push(agent="ModelManagerAgent", body=b'{"cpu": 0.5}', **kw) -> Push:
@@ -275,6 +280,79 @@ def test_byte_accounting_is_restored_at_reopen(tmp_path):
             s.append([push(body=bytes(1000)) for _ in range(40)])
 
 
+def marked(db) -> bool:
+    """Whether the file carries a clean close's mark (see Spool.close)."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            "SELECT count(*) FROM meta WHERE key = 'clean_close'").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+def what_it_says(s: Spool) -> tuple:
+    """What a reopened spool tells and does next: its totals, every mark, and the ids
+    and sequences it gives the next pushes."""
+    stats = s.stats()
+    marks = s.high_waters()
+    nexts = [(r.id, r.agent, r.seq) for r in s.append(
+        [push(agent) for agent in ("ModelManagerAgent", "TaskScheduler", "NewAgent")])]
+    return stats.records, stats.bytes, stats.oldest_time, marks, nexts
+
+
+def test_a_clean_close_lets_the_next_open_trust_its_totals(tmp_path, monkeypatch):
+    # The open after a clean close skips the rows' scan: it must come to what the scan
+    # would have, after appends, acks, and records stored under the sender's seqs.
+    monkeypatch.setattr(spool_module, "TRUST_CLEAN_CLOSE_RECORDS", 100)
+    live = tmp_path / "live"
+    original = filled(live, n=600)
+    with spool_at(live) as s:
+        s.ack(250)
+        s.append_records([replace(original[300], host="PC2", seq=5000)])
+        s.append([push("TaskScheduler") for _ in range(7)])
+    assert marked(live / "spool.db")
+    shutil.copytree(live, tmp_path / "scanned")
+    poke(tmp_path / "scanned" / "spool.db", "DELETE FROM meta WHERE key = 'clean_close'")
+    with spool_at(live) as s:
+        assert not marked(live / "spool.db")  # taken: a crash from here on scans again
+        assert s.verifying
+        trusted = what_it_says(s)
+        while not s.verify_some(limit=100):  # and every row it trusted reads back
+            pass
+        assert not s.verifying
+    with spool_at(tmp_path / "scanned") as s:
+        assert not s.verifying
+        assert what_it_says(s) == trusted
+    assert trusted[0] == 600 - 250 + 1 + 7
+
+
+def test_a_small_spool_is_read_in_full_even_after_a_clean_close(tmp_path):
+    # Below TRUST_CLEAN_CLOSE_RECORDS the rows' scan costs little: damage is found at
+    # open, as always.
+    original = filled(tmp_path, n=300)
+    assert marked(tmp_path / "spool.db")
+    change_a_payload(tmp_path / "spool.db", original[150].body)
+    with spool_at(tmp_path) as s:
+        assert "record id 150 fails its checksum" in s.recovered and not s.verifying
+
+
+def test_a_spool_killed_after_a_clean_open_is_read_in_full_again(tmp_path, monkeypatch):
+    # The mark is gone once the spool is open (trusted or not): a writer killed later
+    # leaves totals that only the rows can tell.
+    monkeypatch.setattr(spool_module, "TRUST_CLEAN_CLOSE_RECORDS", 50)
+    filled(tmp_path, n=100)
+    script = (f"import os, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from sidecar.spool import Spool, Push\n"
+              f"s = Spool({str(tmp_path / 'spool.db')!r}, host={HOST!r})\n"
+              "s.append([Push('TaskScheduler', 'POST', '/m', '', b'x') for _ in range(40)])\n"
+              "os._exit(9)\n")
+    killed = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert killed.returncode == 9
+    with spool_at(tmp_path) as s:
+        assert s.stats().records == 140
+        assert s.append([push("TaskScheduler")])[0].id == 141
+
+
 def test_stats_say_what_is_stored_and_what_happened(tmp_path):
     with spool_at(tmp_path, max_bytes=1 << 20) as s:
         assert s.stats().oldest_time is None
@@ -389,16 +467,40 @@ def test_bytes_overwritten_in_the_middle_are_caught_and_the_rest_kept(tmp_path):
         assert s.recovered is None and not s.damaged  # recovered once, clean from then on
 
 
-def test_a_payload_changed_on_disk_is_never_handed_out(tmp_path):
-    # SQLite has no page checksums: only the record's own CRC can see this.
-    original = filled(tmp_path, n=300)
-    db = tmp_path / "spool.db"
+def change_a_payload(db, victim: bytes) -> None:
+    """Three bytes of one record's body changed in place: SQLite has no page checksums,
+    so only the record's own CRC can see this."""
     data = db.read_bytes()
-    victim = original[150].body
     at = data.index(victim)
     db.write_bytes(data[:at] + victim[:-3] + b"999" + data[at + len(victim):])
+
+
+def test_a_payload_changed_on_disk_after_a_crash_is_caught_at_open(tmp_path):
+    original = filled(tmp_path, n=300)
+    db = tmp_path / "spool.db"
+    poke(db, "DELETE FROM meta WHERE key = 'clean_close'")  # as a crash leaves it
+    change_a_payload(db, original[150].body)
     with spool_at(tmp_path) as s:
         assert "record id 150 fails its checksum" in s.recovered
+        assert "lost 1 record(s) that failed their checksum" in s.recovered
+        kept = assert_intact_subset(s, original)
+        assert [r.id for r in kept] == [i for i in sorted(original) if i != 150]
+
+
+def test_a_payload_changed_on_disk_after_a_clean_close_is_found_by_the_check(
+        tmp_path, monkeypatch):
+    # A big spool closed cleanly opens without reading its rows: its owner reads them
+    # then (verify_some), and the open after the damage they find recovers the rest.
+    monkeypatch.setattr(spool_module, "TRUST_CLEAN_CLOSE_RECORDS", 100)
+    original = filled(tmp_path, n=300)
+    change_a_payload(tmp_path / "spool.db", original[150].body)
+    with spool_at(tmp_path) as s:
+        assert s.recovered is None and s.verifying  # quick_check cannot see it
+        assert [r.id for r in s.pending(limit=149)] == list(range(1, 150))
+        with pytest.raises(SpoolCorrupt, match="record id 150 fails its checksum"):
+            while not s.verify_some(limit=40):
+                pass
+    with spool_at(tmp_path) as s:  # that close left no mark: every row is read
         assert "lost 1 record(s) that failed their checksum" in s.recovered
         kept = assert_intact_subset(s, original)
         assert [r.id for r in kept] == [i for i in sorted(original) if i != 150]
