@@ -20,8 +20,10 @@ import pytest
 from prometheus_client.utils import floatToGoString
 
 from sidecar import samples
+from sidecar import spool as spool_module
 from sidecar.hub import wire
-from sidecar.spool import Record
+from sidecar.hub.receiver import DELIVERY_SPOOL
+from sidecar.spool import Push, Record, Spool
 from tests.integration.harness import ROOT, free_port, wait_until
 from tests.integration.hubside import LegacyHub, Receiver
 
@@ -404,3 +406,40 @@ def test_a_stopped_receiver_finishes_the_push_in_hand_and_does_not_deliver_it_tw
     finally:
         receiver.kill()
         legacy.stop()
+
+
+def test_a_big_store_damaged_after_a_clean_stop_stops_the_hub_and_is_recovered(tmp_path):
+    # A store of more than TRUST_CLEAN_CLOSE_RECORDS closed cleanly opens at once and is
+    # read back behind the open: damage found there stops the hub (its unit restarts
+    # it), and the next open reads every row, reports the damage and keeps the rest.
+    state = tmp_path / "hub-state"
+    state.mkdir()
+    n = spool_module.TRUST_CLEAN_CLOSE_RECORDS + 5_000
+    with Spool(state / DELIVERY_SPOOL, host="central") as store:
+        for start in range(0, n, 5_000):
+            store.append([Push("A", "POST", "/api/metrics", "application/json",
+                               b'{"n": %08d}' % i) for i in range(start, start + 5_000)])
+    db = state / DELIVERY_SPOOL
+    victim = b'{"n": %08d}' % (n - 10)
+    raw = db.read_bytes()
+    assert raw.count(victim) == 1
+    db.write_bytes(raw.replace(victim, b'{"n": xxxxxxxx}'))
+    # Nothing listens where it delivers: the records stay, and only the check reads them.
+    receiver = Receiver(tmp_path, free_port(), state_dir=state)
+    with open(receiver.log_path, "ab") as log:
+        first = subprocess.Popen([sys.executable, "-m", "sidecar.hub", *receiver.args],
+                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: first.poll() is not None, 60, "the hub to stop")
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 1
+    assert f"record id {n - 9} fails its checksum" in receiver.log()
+    assert "spool check failed" in receiver.log()
+    receiver.start()
+    try:
+        health = receiver.health()
+        assert "lost 1 record(s) that failed their checksum" in health["spool_recovered"]
+    finally:
+        receiver.terminate()
