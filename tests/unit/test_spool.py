@@ -326,6 +326,27 @@ def test_a_clean_close_lets_the_next_open_trust_its_totals(tmp_path, monkeypatch
     assert trusted[0] == 600 - 250 + 1 + 7
 
 
+def test_pages_overwritten_after_a_clean_close_are_found_by_the_read_back(
+        tmp_path, monkeypatch):
+    # A trusted open reads no page (not even quick_check's pass): the read-back does.
+    monkeypatch.setattr(spool_module, "TRUST_CLEAN_CLOSE_RECORDS", 100)
+    original = filled(tmp_path)
+    db = tmp_path / "spool.db"
+    data = bytearray(db.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 512] = random.Random(7).randbytes(512)
+    db.write_bytes(bytes(data))
+    with spool_at(tmp_path) as s:
+        assert s.recovered is None and s.verifying
+        with pytest.raises(SpoolCorrupt):
+            while not s.verify_some(limit=100):
+                pass
+    with spool_at(tmp_path) as s:
+        assert "corrupt" in s.recovered and s.damaged
+        kept = assert_intact_subset(s, original)
+        assert len(original) * 0.9 < len(kept) < len(original)
+
+
 def test_a_small_spool_is_read_in_full_even_after_a_clean_close(tmp_path):
     # Below TRUST_CLEAN_CLOSE_RECORDS the rows' scan costs little: damage is found at
     # open, as always.
