@@ -84,6 +84,16 @@ def poke(db, sql: str) -> None:
         conn.close()
 
 
+def overwrite_the_middle(db) -> bytes:
+    """512 random bytes over the middle of the file, as a bad sector leaves it; the
+    file's bytes after."""
+    data = bytearray(db.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 512] = random.Random(7).randbytes(512)
+    db.write_bytes(bytes(data))
+    return bytes(data)
+
+
 def damaged_files(tmp_path, kind: str) -> list:
     return sorted(p.name for p in tmp_path.iterdir() if f".{kind}-" in p.name)
 
@@ -331,11 +341,7 @@ def test_pages_overwritten_after_a_clean_close_are_found_by_the_read_back(
     # A trusted open reads no page (not even quick_check's pass): the read-back does.
     monkeypatch.setattr(spool_module, "TRUST_CLEAN_CLOSE_RECORDS", 100)
     original = filled(tmp_path)
-    db = tmp_path / "spool.db"
-    data = bytearray(db.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 512] = random.Random(7).randbytes(512)
-    db.write_bytes(bytes(data))
+    overwrite_the_middle(tmp_path / "spool.db")
     with spool_at(tmp_path) as s:
         assert s.recovered is None and s.verifying
         with pytest.raises(SpoolCorrupt):
@@ -470,15 +476,11 @@ def test_a_path_that_cannot_be_a_spool_is_an_error_to_fix_not_damage(tmp_path):
 
 def test_bytes_overwritten_in_the_middle_are_caught_and_the_rest_kept(tmp_path):
     original = filled(tmp_path)
-    db = tmp_path / "spool.db"
-    data = bytearray(db.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 512] = random.Random(7).randbytes(512)
-    db.write_bytes(bytes(data))
+    data = overwrite_the_middle(tmp_path / "spool.db")
     with spool_at(tmp_path) as s:
         assert s.recovered and "corrupt" in s.recovered and s.damaged
         [aside] = damaged_files(tmp_path, "corrupt")
-        assert (tmp_path / aside).read_bytes() == bytes(data)  # kept as found
+        assert (tmp_path / aside).read_bytes() == data  # kept as found
         assert aside in s.recovered
         kept = assert_intact_subset(s, original)
         assert len(original) * 0.9 < len(kept) < len(original)
