@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Final
 import httptools
 
 from sidecar.metrics import FailureKind, Outcome
-from sidecar.proxy.http.exchange import ENDED
+from sidecar.proxy.http.exchange import ENDED, Exchange
 from sidecar.proxy.http.heads import (
     AS_IS, FRAMING_FIELDS, NO_BODY, NOT_FORWARDED, RECHUNK, SMALL_READ, ZERO_DIGITS,
     BadMessage, HeadTooLarge, answer_known, rechunked_coding, response_fields, status_line,
@@ -214,24 +214,13 @@ class UpstreamConnection(asyncio.Protocol):
         and its callbacks are about a third of the proxy's own work per exchange, and an
         answer that differs costs one compare."""
         req = proxy.current
-        if req is None or req.endpoint is None or not req.keep_alive or req.http10:
-            return False
         state = self.state
-        method = req.method
         status = state.last_answer_status
-        if method == b"HEAD" or (state.last_good is not None and method == b"GET"
-                                 and status < 300):
+        if req is None or req.endpoint is None or not _as_it_came(req, state, status):
             return False
         self.heads += 1
         self.head_raw = 0
-        req.failed_status = status in state.failure_statuses
-        self.status = status
-        self.length = True
-        self.mode = AS_IS
-        self.capture = None
-        self.eof_body = False
-        self.close_agent = False
-        self.keeps = True
+        self._sent_as_it_came(req, status, AS_IS)
         self.head_buf = data
         proxy.reply.append(data)
         self.on_message_complete()
@@ -239,6 +228,19 @@ class UpstreamConnection(asyncio.Protocol):
         if now_serving is not None and now_serving.reply:
             now_serving.send_reply()
         return True
+
+    def _sent_as_it_came(self, req: Exchange, status: int, mode: int) -> None:
+        """The answer's head goes to the agent as it came (`_as_it_came`), framed by
+        `mode`: what the rest of the exchange needs to know of it."""
+        req.failed_status = status in self.state.failure_statuses
+        self.length = mode == AS_IS
+        self.mode = mode
+        self.capture = None
+        self.eof_body = False
+        self.close_agent = False
+        # What llhttp would say: HTTP/1.1, no close, framed by length or chunks.
+        self.keeps = True
+        self.status = status
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.dead = True
@@ -361,23 +363,14 @@ class UpstreamConnection(asyncio.Protocol):
             known = found if found is not None else answer_known(head, shape, state.framings)
             state.last_head = head
             state.last_known = known
-        if (isinstance(known, int) and req.keep_alive and not req.http10
-                and method != b"HEAD" and head.startswith(b"HTTP/1.1 ")
-                and (state.last_good is None or method != b"GET" or status >= 300)):
+        if (isinstance(known, int) and head.startswith(b"HTTP/1.1 ")
+                and _as_it_came(req, state, status)):
             # The common answer goes to the agent as it came: its only framing and
             # hop-by-hop fields are Content-Length, chunked, and Connection: keep-alive,
             # which is also the proxy's own option for this agent connection (RFC 9110
             # 7.6.1 lets a proxy replace Connection with its own). Any other answer
             # takes the long way below, which rebuilds the head.
-            req.failed_status = status in state.failure_statuses
-            self.length = known == AS_IS
-            self.mode = known
-            self.capture = None
-            self.eof_body = False
-            self.close_agent = False
-            # What llhttp would say: HTTP/1.1, no close, framed by length or chunks.
-            self.keeps = True
-            self.status = status
+            self._sent_as_it_came(req, status, known)
             reply.append(head)
             return
         self.keeps = False  # ask the parser at the end
@@ -498,6 +491,16 @@ class UpstreamConnection(asyncio.Protocol):
         length = b"" if self.length else b"Content-Length: %d\r\n" % self.capture_bytes
         self.state.remember(target, b"".join(
             (*capture[:3], length, FALLBACK_LAST_GOOD, b"\r\n", *capture[3:])))
+
+
+def _as_it_came(req: Exchange, state: UpstreamState, status: int) -> bool:
+    """Whether this exchange lets an HTTP/1.1 answer whose only framing and hop-by-hop
+    fields the agent connection shares go to the agent as it came: a keep-alive 1.1
+    agent, not HEAD (its answer ends the connection), and not a good GET that LAST_GOOD
+    must capture (its capture is taken on the long way)."""
+    method = req.method
+    return (req.keep_alive and not req.http10 and method != b"HEAD"
+            and (state.last_good is None or method != b"GET" or status >= 300))
 
 
 def _is_address(host: str) -> bool:
